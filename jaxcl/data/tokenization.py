@@ -1,0 +1,167 @@
+"""Turning Examples into token-id arrays (numpy only, deterministic).
+
+The tokenizer is anything HF-like: ``tokenizer(text, add_special_tokens=False)["input_ids"]`` (or
+``tokenizer.encode(text, add_special_tokens=False)``), ``eos_token_id`` and ``pad_token_id``
+(EOS is used for padding when it is None). Text is always encoded without special tokens; the
+special tokens the tokenizer adds by default are detected once (:func:`make_batch_spec`) and added
+explicitly: a leading BOS (Llama-style tokenizers) goes before every prompt, and a trailing EOS
+(T5-style) ends every encoder-decoder source.
+
+Decoder-only layout: ``ids = prompt + answer + [eos]``. The answer follows the prompt after one
+space unless the prompt already ends in whitespace ("Answer:" + " cold"; SuperNI's "Output: " +
+"POS"). Its ids are those of the joined text past the prompt's ids (or of the answer alone when
+the joined ids do not start with the prompt's), so the prompt/answer boundary is exact and the
+answer is tokenized as in running text. Encoder-decoder layout: source = prompt (+ EOS if the tokenizer appends it),
+target = answer + [eos].
+
+Over-long prompts keep their first and last tokens and drop the middle: the instruction and
+options sit at the start and the answer cue (``\\nAnswer:``) at the end, so both survive. Over-long
+answers are cut at the end (EOS is always kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxcl.data.task import DataError, Example
+
+KINDS = ("decoder", "seq2seq")
+
+
+class BatchSpec(NamedTuple):
+    """How examples become arrays for one model.
+
+    Attributes:
+      kind: ``"decoder"`` (decoder-only) or ``"seq2seq"`` (encoder-decoder, e.g. T5).
+      max_prompt_len: token budget of a prompt / source, special tokens included.
+      max_answer_len: token budget of an answer / target, EOS included.
+      pad_id: padding token id.
+      eos_id: end-of-sequence token id.
+      prompt_prefix: special ids put before every prompt (e.g. ``(bos,)``).
+      prompt_suffix: special ids put after every seq2seq source (e.g. ``(eos,)`` for T5).
+      decoder_start_id: first decoder input of seq2seq models (T5 uses the pad id).
+      bucket_multiple: padded lengths are multiples of this (or the budget itself).
+    """
+
+    kind: str
+    max_prompt_len: int
+    max_answer_len: int
+    pad_id: int
+    eos_id: int
+    prompt_prefix: tuple[int, ...] = ()
+    prompt_suffix: tuple[int, ...] = ()
+    decoder_start_id: int | None = None
+    bucket_multiple: int = 32
+
+
+class TokenizedExample(NamedTuple):
+    """Token ids of one example.
+
+    Attributes:
+      prompt: int32 [P], the prompt with its special tokens, P <= max_prompt_len.
+      answer: int32 [A], the answer followed by EOS, 1 <= A <= max_answer_len.
+    """
+
+    prompt: np.ndarray
+    answer: np.ndarray
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens."""
+    if callable(tokenizer):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _default_specials(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The ids the tokenizer adds before and after plain text by default."""
+    probe = "a b"
+    plain = encode(tokenizer, probe)
+    if callable(tokenizer):
+        full = list(tokenizer(probe)["input_ids"])
+    else:
+        full = list(tokenizer.encode(probe))
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return tuple(full[:start]), tuple(full[start + len(plain) :])
+    return (), ()
+
+
+def make_batch_spec(
+    tokenizer,
+    kind: str,
+    max_prompt_len: int,
+    max_answer_len: int,
+    *,
+    decoder_start_id: int | None = None,
+    bucket_multiple: int = 32,
+) -> BatchSpec:
+    """Reads EOS, padding and default special tokens off ``tokenizer``.
+
+    Args:
+      tokenizer: an HF-like tokenizer.
+      kind: ``"decoder"`` or ``"seq2seq"``.
+      max_prompt_len: prompt / source budget in tokens.
+      max_answer_len: answer / target budget in tokens (EOS included, so >= 1).
+      decoder_start_id: seq2seq only; defaults to the pad id (T5's convention).
+      bucket_multiple: step of the padded-length buckets.
+    """
+    if kind not in KINDS:
+        raise DataError(f"unknown model kind {kind!r}; known: {list(KINDS)}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DataError("the tokenizer has no eos_token_id")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = eos if pad is None else pad
+    prefix, suffix = _default_specials(tokenizer)
+    if max_answer_len < 1 or max_prompt_len <= len(prefix) + len(suffix) or bucket_multiple < 1:
+        raise DataError(
+            f"token budgets too small: max_prompt_len={max_prompt_len} (special tokens: "
+            f"{len(prefix) + len(suffix)}), max_answer_len={max_answer_len}, bucket_multiple={bucket_multiple}"
+        )
+    if kind == "decoder":
+        # A default trailing EOS would end the prompt before the answer; decoder prompts skip it.
+        return BatchSpec(kind, max_prompt_len, max_answer_len, pad, eos, prefix, (), None, bucket_multiple)
+    start = pad if decoder_start_id is None else decoder_start_id
+    return BatchSpec(kind, max_prompt_len, max_answer_len, pad, eos, prefix, suffix, start, bucket_multiple)
+
+
+def truncate_middle(ids: Sequence[int], limit: int) -> list[int]:
+    """Keeps the first ``limit - limit // 2`` and the last ``limit // 2`` ids when too long."""
+    ids = list(ids)
+    if len(ids) <= limit:
+        return ids
+    tail = limit // 2
+    return ids[: limit - tail] + (ids[len(ids) - tail :] if tail else [])
+
+
+def tokenize_example(example: Example, tokenizer, spec: BatchSpec) -> TokenizedExample:
+    """Token ids of one example under ``spec`` (see the module docstring for the layout)."""
+    prompt_ids = encode(tokenizer, example.prompt)
+    budget = spec.max_prompt_len - len(spec.prompt_prefix) - len(spec.prompt_suffix)
+    prompt = list(spec.prompt_prefix) + truncate_middle(prompt_ids, budget) + list(spec.prompt_suffix)
+    answer = _answer_ids(tokenizer, example, prompt_ids, spec.kind)[: spec.max_answer_len - 1] + [spec.eos_id]
+    return TokenizedExample(np.asarray(prompt, np.int32), np.asarray(answer, np.int32))
+
+
+def _answer_ids(tokenizer, example: Example, prompt_ids: list[int], kind: str) -> list[int]:
+    """The answer's ids as they appear after the prompt (decoder) or on their own (seq2seq)."""
+    if kind == "seq2seq":
+        return encode(tokenizer, example.answer)
+    prompt, answer = example.prompt, example.answer
+    if prompt and not prompt[-1].isspace() and not answer[:1].isspace():
+        answer = " " + answer
+    # The joined text gives the ids of running text (a SentencePiece tokenizer would encode a lone
+    # " cold" with two spaces); when they do not start with the prompt's ids, encode the answer alone.
+    joined = encode(tokenizer, prompt + answer)
+    if joined[: len(prompt_ids)] == prompt_ids:
+        return joined[len(prompt_ids) :]
+    return encode(tokenizer, answer)
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer, spec: BatchSpec) -> list[TokenizedExample]:
+    """Tokenizes every example, in order."""
+    return [tokenize_example(e, tokenizer, spec) for e in examples]

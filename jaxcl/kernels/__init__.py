@@ -1,0 +1,8 @@
+"""Pure math kernels of jaxcl: jnp functions, no Flax, no I/O (DESIGN §5).
+
+Use them as ``jaxcl.kernels.rls.update``, ``jaxcl.kernels.lora.apply``, ...
+"""
+
+from jaxcl.kernels import attention_select, lora, metrics, orthogonal, rls, sensitivity, sparse_experts
+
+__all__ = ["attention_select", "lora", "metrics", "orthogonal", "rls", "sensitivity", "sparse_experts"]

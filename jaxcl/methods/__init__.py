@@ -1,0 +1,66 @@
+"""Continual-learning methods, one file each, built by name.
+
+``build("olora", {"lambda1": 0.5})`` returns ``(method, replay)`` where ``replay`` is a
+``ReplayConfig`` for names of the form ``replay+<method>`` (and for plain ``replay``), else None.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Optional
+
+from jaxcl.methods.base import Method, TaskInfo
+from jaxcl.methods.inc_lora import IncLoRA
+from jaxcl.methods.lora_bank import LoRABank
+from jaxcl.methods.mtl import MTL
+from jaxcl.methods.olora import OLoRA
+from jaxcl.methods.per_task import PerTask
+from jaxcl.methods.replay import ReplayConfig
+from jaxcl.methods.seq_ft import SeqFT
+from jaxcl.methods.seq_lora import SeqLoRA
+
+REGISTRY = {m.name: m for m in (SeqFT, SeqLoRA, IncLoRA, OLoRA, MTL, PerTask)}
+
+
+class MethodError(ValueError):
+    """Unknown method name or bad method argument."""
+
+
+def build(name: str, args: Optional[dict] = None) -> tuple[Method, Optional[ReplayConfig]]:
+    args = dict(args or {})
+    replay = None
+    if name == "replay" or name.startswith("replay+"):
+        name = name.partition("+")[2] or "seq_lora"
+        replay_args = {k[len("replay_"):]: args.pop(k) for k in list(args) if k.startswith("replay_")}
+        try:
+            replay = ReplayConfig(**replay_args)
+        except TypeError as e:
+            raise MethodError(f"method_args: bad replay option ({e}); known: replay_fraction, replay_per_task") from None
+    if name not in REGISTRY:
+        raise MethodError(f"unknown method {name!r}; known: {sorted(REGISTRY)} (and replay+<method>)")
+    cls = REGISTRY[name]
+    hints = typing.get_type_hints(cls)
+    fields = sorted(f.name for f in dataclasses.fields(cls))
+    for k, v in args.items():
+        if k not in fields:
+            raise MethodError(f"method_args.{k}: not an option of {name}; known: {fields}")
+        args[k] = _typed(v, hints[k], f"method_args.{k}")
+    try:
+        return cls(**args), replay
+    except (TypeError, ValueError) as e:
+        raise MethodError(f"method_args for {name}: {e}") from None
+
+
+def _typed(value, tp, where: str):
+    """``value`` as the field type ``tp`` (YAML lists become tuples; ints are valid floats)."""
+    if tp is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise MethodError(f"{where}: expected {tp.__name__}, got {value!r}")
+
+
+__all__ = ["Method", "TaskInfo", "LoRABank", "SeqFT", "SeqLoRA", "IncLoRA", "OLoRA", "MTL", "PerTask",
+           "ReplayConfig", "REGISTRY", "build", "MethodError"]

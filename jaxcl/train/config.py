@@ -1,0 +1,156 @@
+"""Run configuration: typed dataclasses read from YAML, with one clear error per bad field.
+
+A config file looks like::
+
+    method: olora              # or seq_lora, inc_lora, seq_ft, mtl, per_task, ...
+    method_args: {lambda1: 0.5}
+    model: default             # "default" | local HF dir | hub id | gguf:PATH
+    dtype: float32
+    data:
+      source: bundled          # bundled | cl_benchmark | superni | trace
+      root: null               # folder of the benchmark (not for bundled)
+      order: wordnet           # an order name (data file) or a list of task names
+    train: {steps_per_task: 40, batch_size: 8, lr: 1.0e-3}
+    eval: {max_test_per_task: 100, max_new_tokens: 8}
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or field is not what jaxcl expects."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "bundled"
+    root: Optional[str] = None
+    order: Union[str, list] = "wordnet"
+    max_train_per_task: Optional[int] = None
+    validation_fraction: float = 0.1
+    max_prompt_tokens: int = 96
+    max_answer_tokens: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps_per_task: Optional[int] = None   # when set, overrides epochs
+    epochs: float = 1.0
+    batch_size: int = 8                    # global batch per optimizer step
+    grad_accum: int = 1                    # micro-batches per step (batch_size % grad_accum == 0)
+    lr: float = 1e-3
+    schedule: str = "constant"             # constant | warmup_cosine
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"               # adamw | sgd
+    momentum: float = 0.9                  # for sgd
+    max_grad_norm: Optional[float] = None
+    seed: int = 0
+    checkpoint_every: int = 0              # steps; 0 = only at the end of each task
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    max_test_per_task: Optional[int] = None
+    max_new_tokens: int = 50
+    batch_size: int = 32
+    metric: Optional[str] = None           # override the task's own metric
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    method: str = "seq_lora"
+    method_args: dict = dataclasses.field(default_factory=dict)
+    model: str = "default"
+    dtype: str = "float32"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _check(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        names = " or ".join(_type_name(t) for t in typing.get_args(tp))
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp in (str, bool, dict, list):
+        if isinstance(value, tp):
+            return value
+    else:
+        raise TypeError(f"unsupported config type {tp}")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return {type(None): "null", dict: "mapping", list: "list"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _build(cls: type, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {k: _check(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def from_dict(values: dict, where: str = "config") -> RunConfig:
+    """Build a ``RunConfig`` from a plain mapping, checking every field's type."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(values).__name__}")
+    cfg = _build(RunConfig, values, where)
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(f"{where}.train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+                          f"train.grad_accum ({cfg.train.grad_accum})")
+    if cfg.train.schedule not in ("constant", "warmup_cosine"):
+        raise ConfigError(f"{where}.train.schedule: expected 'constant' or 'warmup_cosine', got {cfg.train.schedule!r}")
+    if cfg.train.optimizer not in ("adamw", "sgd"):
+        raise ConfigError(f"{where}.train.optimizer: expected 'adamw' or 'sgd', got {cfg.train.optimizer!r}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"{where}.dtype: expected 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    return cfg
+
+
+def load(path: str) -> RunConfig:
+    """Read a YAML config file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return from_dict(values or {}, where=path)

@@ -1,0 +1,171 @@
+"""Greedy generation: the KV-cache decoder equals full recomputation; EOS handling; generate() text API."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxcl.models import Adapter, Llama, SiteHook, generate, load_model
+from jaxcl.models.generate import _pad
+
+NEVER = 64  # an id outside the tiny vocabulary: argmax never produces it
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, save_tiny_llama):
+    directory = tmp_path_factory.mktemp("llama_gen")
+    save_tiny_llama(directory, seed=3, num_hidden_layers=3)
+    return load_model(directory)
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "eos"))
+def _cached(model, ids, mask, steps, eos):
+    return model.generate_ids(ids, mask, max_new_tokens=steps, eos_token_id=eos)
+
+
+@jax.jit
+def _last_logits(model, ids, mask, column):
+    return jnp.take(model(ids, mask), column, axis=1)
+
+
+def _recomputed(model, ids, mask, steps, eos):
+    """Greedy decoding by a full forward over the whole sequence at every step (no cache).
+
+    The sequence lives in a fixed buffer (prompt + steps columns, unused columns masked out): the
+    model is causal, so masked columns to the right do not change the logits of earlier ones.
+    """
+    eos = np.atleast_1d(eos)
+    batch, prompt_len = ids.shape
+    buffer = np.concatenate([ids, np.zeros((batch, steps), ids.dtype)], axis=1)
+    buffer_mask = np.concatenate([mask, np.zeros((batch, steps), mask.dtype)], axis=1)
+    out = np.full((batch, steps), eos[0])
+    done = np.zeros(batch, bool)
+    for t in range(steps):
+        logits = _last_logits(model, jnp.asarray(buffer), jnp.asarray(buffer_mask), prompt_len + t - 1)
+        token = np.where(done, eos[0], np.asarray(logits).argmax(-1))
+        out[:, t] = token
+        done |= np.isin(token, eos)
+        buffer[:, prompt_len + t], buffer_mask[:, prompt_len + t] = token, 1
+    return out
+
+
+def _left_padded_prompts(seed=0, lengths=(5, 2, 7), width=8):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 64, (len(lengths), width)).astype(np.int32)
+    mask = (np.arange(width)[None] >= width - np.array(lengths)[:, None]).astype(np.int32)
+    return np.where(mask == 1, ids, 0).astype(np.int32), mask
+
+
+def test_kv_cache_equals_full_recomputation(tiny):
+    model, _ = tiny
+    ids, mask = _left_padded_prompts()
+    cached = np.asarray(_cached(model, jnp.asarray(ids), jnp.asarray(mask), 8, NEVER))
+    assert cached.shape == (3, 8) and cached.dtype == np.int32
+    np.testing.assert_array_equal(cached, _recomputed(model, ids, mask, 8, NEVER))
+    assert len({tuple(row) for row in cached}) > 1  # prompts of different lengths, different outputs
+
+
+def test_each_example_stops_at_its_own_eos(tiny):
+    model, _ = tiny
+    ids, mask = _left_padded_prompts()
+    free = np.asarray(_cached(model, jnp.asarray(ids), jnp.asarray(mask), 8, NEVER))
+    eos = (int(free[0, 2]), int(free[1, 4]))  # ids that example 0 / 1 emit mid-way
+
+    expected = np.full_like(free, eos[0])
+    for b, row in enumerate(free):
+        stop = np.flatnonzero(np.isin(row, eos))
+        end = stop[0] + 1 if stop.size else len(row)
+        expected[b, :end] = row[:end]
+    assert (expected != free).any()  # truncation actually happens
+
+    stopped = np.asarray(_cached(model, jnp.asarray(ids), jnp.asarray(mask), 8, eos))
+    np.testing.assert_array_equal(stopped, expected)
+    np.testing.assert_array_equal(stopped, _recomputed(model, ids, mask, 8, eos))
+
+
+def _reference_text(model, tokenizer, prompt, steps):
+    ids = np.asarray([tokenizer(prompt)["input_ids"]], np.int32)
+    tokens = _recomputed(model, ids, np.ones_like(ids), steps, tokenizer.eos_token_id)[0]
+    stop = np.flatnonzero(tokens == tokenizer.eos_token_id)
+    return tokenizer.decode(tokens[:stop[0] if stop.size else None], skip_special_tokens=True)
+
+
+PROMPTS = ["w5 w9 w12", "w3", "w40 w41 w42 w43 w44 w45 w46 w47 w48 w49 w50 w51 w52 w53", "w7 w7"]
+
+
+def test_generate_text_matches_unbatched_reference(tiny):
+    model, tokenizer = tiny
+    texts = generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=3)
+    expected = [_reference_text(model, tokenizer, p, 6) for p in PROMPTS]
+    print(f"\n[generate] {texts}")
+    assert texts == expected
+    assert all(isinstance(t, str) for t in texts) and any(texts)
+
+
+def test_generate_strips_at_eos(tiny):
+    model, tokenizer = tiny
+    free = generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=3)
+    stop_word = free[0].split()[2]  # a word the model emits mid-way: declare it the eos token
+    stopping = copy.deepcopy(tokenizer)
+    stopping.eos_token = stop_word
+    texts = generate(model, stopping, PROMPTS, max_new_tokens=6, batch_size=3)
+    expected = [" ".join(t.split()[:t.split().index(stop_word)] if stop_word in t.split() else t.split())
+                for t in free]
+    print(f"\n[generate, eos={stop_word}] {texts}")
+    assert texts == expected and texts != free
+    assert texts == [_reference_text(model, stopping, p, 6) for p in PROMPTS]
+
+
+def test_generate_compiles_once_per_bucket(tiny, monkeypatch):
+    model, tokenizer = tiny
+    traces = []
+    original = Llama.generate_ids
+    monkeypatch.setattr(Llama, "generate_ids", lambda self, *a, **k: traces.append(1) or original(self, *a, **k))
+    steps = 3  # not used elsewhere, so the jit cache starts empty for it
+    generate(model, tokenizer, ["w5 w6", "w7"], max_new_tokens=steps)
+    generate(model, tokenizer, ["w8 w9 w10 w11 w12", "w13 w14"], max_new_tokens=steps)
+    assert len(traces) == 1
+    generate(model, tokenizer, [" ".join(["w9"] * 17), "w3"], max_new_tokens=steps)  # next bucket
+    assert len(traces) == 2
+
+
+def test_generate_applies_adapter_per_example(tiny):
+    model, tokenizer = tiny
+    scale = 4.0
+    keys = jax.random.split(jax.random.key(0), 2)
+    layers, d_in, d_out = model.site_shapes()["mlp.up"]
+    lora = {"a": jax.random.normal(keys[0], (layers, 2, d_in)), "b": jax.random.normal(keys[1], (layers, d_out, 2))}
+    hook = SiteHook(delta_fn=lambda name, p, x, ctx: ((x @ p["a"].T) @ p["b"].T) * scale * ctx[:, None, None])
+    on = jnp.array([1.0, 0.0, 1.0, 0.0])
+    adapted = generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=3,
+                       adapter=Adapter(hook, {"mlp.up": lora}, on))
+
+    merged = nnx.clone(model)
+    merged.layers.up[...] = merged.layers.up[...] + scale * jnp.einsum("lri,lor->lio", lora["a"], lora["b"])
+    with_delta = generate(merged, tokenizer, PROMPTS, max_new_tokens=6, batch_size=3)
+    plain = generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=3)
+    assert with_delta != plain  # the adapter changes the continuations
+    assert adapted == [with_delta[0], plain[1], with_delta[2], plain[3]]
+
+
+def test_pad_sides():
+    ids, mask = _pad([[5, 6], [7]], 4, 0, left=True)
+    np.testing.assert_array_equal(ids, [[0, 0, 5, 6], [0, 0, 0, 7]])
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1]])
+    ids, mask = _pad([[5, 6], [7]], 4, 0, left=False)
+    np.testing.assert_array_equal(ids, [[5, 6, 0, 0], [7, 0, 0, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 0, 0], [1, 0, 0, 0]])
+
+
+def test_generate_rejects_bad_arguments(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, tokenizer, ["w5"], max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"\[1\]"):
+        generate(model, tokenizer, ["w5", ""], max_new_tokens=2)
+    assert generate(model, tokenizer, [], max_new_tokens=2) == []

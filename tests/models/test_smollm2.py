@@ -1,0 +1,76 @@
+"""Real weights: the default SmolLM2-135M-Instruct GGUF against transformers reading the same file."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxcl.models import generate, load_model
+from jaxcl.models.loading import default_gguf_path
+
+pytestmark = pytest.mark.slow
+
+TEXT = """\
+The village sits at the bottom of a narrow valley, where two small rivers meet before they run \
+together towards the sea. Most of the houses are built from the grey stone that was cut from the \
+hills above, and their roofs are covered with dark slate. In the summer the gardens are full of \
+beans, potatoes and tall yellow flowers, and children spend the long evenings swimming in the cold \
+water below the old bridge. In the winter the wind comes down the valley at night, and the people \
+keep their fires burning until morning.
+
+There is one shop, which also serves as the post office, and a small school with forty pupils. The \
+teacher has lived in the village for nearly thirty years. She says that the biggest change she has \
+seen is the road: when she arrived, the journey to the nearest town took most of a day, but now a \
+bus makes the trip four times a week. Some of the younger families have moved away to find work, \
+while others have come from the cities because they want a quieter life and cheaper houses. On \
+Saturday mornings a market is held in the square, and farmers sell eggs, cheese, honey and bread. \
+Visitors often ask why anyone would choose to live so far from everything, and the answer they \
+hear most often is simple: because it is home, and because the valley is beautiful in every season.
+"""
+
+CHATS = ["What is the capital of France?",
+         "Give me three tips for staying focused while studying.",
+         "Write a short sentence about the ocean."]
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return load_model("default")
+
+
+@pytest.fixture(scope="module")
+def reference(torch_llama_from_gguf):
+    return torch_llama_from_gguf(default_gguf_path())
+
+
+def test_next_token_argmax_agrees_with_transformers(ours, reference):
+    model, tokenizer = ours
+    ids = np.asarray([tokenizer(TEXT)["input_ids"]])
+    assert ids.shape[1] >= 250
+    logits = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))[0]
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids)).logits[0].numpy()
+    agreement = float(np.mean(logits.argmax(-1) == expected.argmax(-1)))
+    rel = float(np.abs(logits - expected).max() / np.abs(expected).max())
+    print(f"\n[SmolLM2 default] {ids.shape[1]} tokens: argmax agreement {agreement:.4f}, "
+          f"max|dlogits|/max|logits| {rel:.2e}")
+    assert agreement >= 0.99
+
+
+def test_chat_greedy_continuations_match_transformers(ours, reference):
+    model, tokenizer = ours
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                             add_generation_prompt=True) for c in CHATS]
+    texts = generate(model, tokenizer, prompts, max_new_tokens=32)
+    for prompt, text in zip(prompts, texts):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                                     do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.eos_token_id)
+        expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        print(f"\n[SmolLM2 chat] {text!r}")
+        assert text == expected
+        assert len(text.split()) >= 3

@@ -1,0 +1,99 @@
+"""Fixtures for engine tests: a tiny CL_Benchmark-format stream, a word-level tokenizer over it, and
+a tiny random JAX Llama — small enough that a whole continual-learning run takes seconds."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+# Three synthetic classification tasks: the label is a fixed function of the sentence's words.
+TASKS = {
+    "colors": (["red", "blue"], lambda words: "red" if "sun" in words else "blue"),
+    "animals": (["cat", "dog"], lambda words: "cat" if "milk" in words else "dog"),
+    "sizes": (["big", "small"], lambda words: "big" if "tree" in words else "small"),
+}
+WORDS = ["sun", "moon", "milk", "bone", "tree", "leaf", "rock", "sea", "sky", "sand"]
+
+
+def write_stream(root: str, n_train: int = 24, n_test: int = 8, seed: int = 0) -> list[str]:
+    """Writes ``root/TC/{task}/{train,test,labels}.json``; returns the task names in order."""
+    rng = np.random.default_rng(seed)
+    for name, (labels, rule) in TASKS.items():
+        folder = os.path.join(root, "TC", name)
+        os.makedirs(folder, exist_ok=True)
+        for split, n in (("train", n_train), ("test", n_test)):
+            rows = []
+            for _ in range(n):
+                words = list(rng.choice(WORDS, size=3, replace=False))
+                rows.append({"sentence": " ".join(words), "label": rule(words)})
+            with open(os.path.join(folder, f"{split}.json"), "w") as f:
+                json.dump(rows, f)
+        with open(os.path.join(folder, "labels.json"), "w") as f:
+            json.dump(labels, f)
+    return list(TASKS)
+
+
+def word_tokenizer(texts):
+    """A WordLevel tokenizer over every whitespace-separated word of ``texts`` (+ specials)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "<s>": 3}
+    for text in texts:
+        for w in text.split():
+            vocab.setdefault(w, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", bos_token="<s>")
+
+
+@pytest.fixture(scope="session")
+def stream_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("stream"))
+    write_stream(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(stream_root):
+    from jaxcl.data import load_stream
+
+    tasks = load_stream("cl_benchmark", list(TASKS), stream_root)
+    texts = [e.prompt + " " + e.answer for t in tasks for e in t.train + t.test]
+    return word_tokenizer(texts)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from jaxcl.models import Llama, LlamaConfig
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=(1,),
+                         pad_token_id=0, initializer_range=0.1)
+    return Llama(config, rngs=nnx.Rngs(seed), dtype=jnp.float32)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    """A fresh ``(model, tokenizer)`` (models are mutable NNX objects: one per test)."""
+    return tiny_llama(len(tiny_tokenizer)), tiny_tokenizer
+
+
+def tiny_config(stream_root: str, **overrides) -> dict:
+    cfg = {
+        "method": "olora", "model": "tiny", "dtype": "float32",
+        "data": {"source": "cl_benchmark", "root": stream_root, "order": list(TASKS),
+                 "max_prompt_tokens": 48, "max_answer_tokens": 4},
+        "train": {"steps_per_task": 6, "batch_size": 4, "lr": 1e-2},
+        "eval": {"max_new_tokens": 3, "batch_size": 8},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and key in cfg:
+            cfg[key] = dict(cfg[key], **value)
+        else:
+            cfg[key] = value
+    return cfg

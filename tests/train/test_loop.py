@@ -1,0 +1,118 @@
+"""The continual-learning loop end to end on a tiny model: results.json, resume, bad input, CLI."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxcl import cli
+from jaxcl.train import config as jconfig
+from jaxcl.train.loop import Interrupted, RunError, run
+
+from conftest import TASKS, tiny_config, tiny_llama
+
+
+def _run(stream_root, out, tiny_model, **overrides):
+    cfg = jconfig.from_dict(tiny_config(stream_root, **overrides))
+    return run(cfg, str(out), model_and_tokenizer=tiny_model, progress=False)
+
+
+def _steps(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_results_json_schema_and_matrix_shape(stream_root, tmp_path, tiny_model):
+    results = _run(stream_root, tmp_path, tiny_model)
+    with open(tmp_path / "results.json") as f:
+        on_disk = json.load(f)
+    assert on_disk["matrix"] == results["matrix"]
+    for key in ("method", "model", "tasks", "matrix", "base_scores", "metrics", "config", "versions"):
+        assert key in on_disk
+    assert on_disk["tasks"] == list(TASKS)
+    matrix = np.array(on_disk["matrix"])
+    assert matrix.shape == (3, 3) and ((0 <= matrix) & (matrix <= 100)).all()
+    assert set(on_disk["metrics"]) == {"AP", "BWT", "FWT", "forgetting"}
+    np.testing.assert_allclose(on_disk["metrics"]["AP"], matrix[-1].mean())
+    steps = [r for r in _steps(tmp_path) if r["event"] == "step"]
+    assert len(steps) == 3 * 6 and all(np.isfinite(r["loss"]) for r in steps)
+
+
+def test_killed_and_resumed_run_ends_with_the_same_results(stream_root, tmp_path, tiny_tokenizer):
+    overrides = {"train": {"steps_per_task": 6, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 2}}
+    full = _run(stream_root, tmp_path / "full", (tiny_llama(len(tiny_tokenizer)), tiny_tokenizer), **overrides)
+    cfg = jconfig.from_dict(tiny_config(stream_root, **overrides))
+    out = str(tmp_path / "killed")
+    # stop mid-task 1 (after 9 of 18 steps), then again inside task 2, then finish
+    with pytest.raises(Interrupted):
+        run(cfg, out, model_and_tokenizer=(tiny_llama(len(tiny_tokenizer)), tiny_tokenizer), progress=False,
+            stop_after_steps=9)
+    assert not os.path.exists(os.path.join(out, "results.json"))
+    with pytest.raises(Interrupted):
+        run(cfg, out, resume=True, model_and_tokenizer=(tiny_llama(len(tiny_tokenizer)), tiny_tokenizer),
+            progress=False, stop_after_steps=4)
+    resumed = run(cfg, out, resume=True, model_and_tokenizer=(tiny_llama(len(tiny_tokenizer)), tiny_tokenizer),
+                  progress=False)
+    assert resumed["matrix"] == full["matrix"]
+    assert resumed["base_scores"] == full["base_scores"]
+    assert resumed["metrics"] == full["metrics"]
+    full_losses = [r["loss"] for r in _steps(tmp_path / "full") if r["event"] == "step"]
+    resumed_losses = [r["loss"] for r in _steps(out) if r["event"] == "step"]
+    assert resumed_losses == full_losses
+
+
+def test_output_folder_of_another_run_is_refused(stream_root, tmp_path, tiny_model):
+    _run(stream_root, tmp_path, tiny_model, train={"steps_per_task": 1})
+    with pytest.raises(RunError, match="--resume"):
+        _run(stream_root, tmp_path, tiny_model, train={"steps_per_task": 1})
+
+
+def test_replay_and_per_task_oracle_run(stream_root, tmp_path, tiny_model):
+    results = _run(stream_root, tmp_path / "a", tiny_model, method="replay+per_task",
+                   method_args={"replay_fraction": 0.25, "replay_per_task": 4})
+    assert np.array(results["matrix"]).shape == (3, 3)
+
+
+def test_mtl_reports_one_joint_row(stream_root, tmp_path, tiny_model):
+    results = _run(stream_root, tmp_path, tiny_model, method="mtl")
+    assert np.array(results["matrix"]).shape == (1, 3)
+    assert results["metrics"]["BWT"] is None and results["metrics"]["AP"] is not None
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("method: olora\ntrain: {batch_size: eight}\n", "train.batch_size: expected int"),
+    ("method: olora\ntrain: {steps: 3}\n", "unknown field"),
+    ("method: nope\ndata: {source: bundled}\n", "unknown method 'nope'"),
+    ("method: olora\nmethod_args: {rank: 4, colour: red}\n", "method_args.colour"),
+    ("method: [olora\n", "line"),
+])
+def test_bad_config_exits_2_with_one_clear_error(tmp_path, capsys, body, message):
+    cfg = _write(tmp_path / "bad.yaml", body)
+    code = cli.main(["run", cfg, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "out" / "results.json")
+
+
+def test_unknown_task_in_order_exits_2(stream_root, tmp_path, capsys):
+    cfg = _write(tmp_path / "c.yaml", f"data: {{source: cl_benchmark, root: {stream_root}, order: [colors, nosuch]}}\n"
+                                       "model: /nonexistent/model\n")
+    code = cli.main(["run", cfg, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nosuch" in err
+    assert not os.path.exists(tmp_path / "out" / "results.json")
+
+
+def test_report_prints_matrix_and_writes_heatmap(stream_root, tmp_path, tiny_model, capsys):
+    _run(stream_root, tmp_path, tiny_model, train={"steps_per_task": 1})
+    assert cli.main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "after colors" in out and "AP" in out
+    with open(tmp_path / "matrix.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
