@@ -121,7 +121,9 @@ def kl_to_target(scores: jax.Array, target: jax.Array) -> jax.Array:
       scalar, >= 0.
     """
     if scores.ndim != 2 or target.shape[-1] != scores.shape[-1]:
-        raise ValueError(f"attention_select.kl_to_target: need scores (B, T) and target (..., T); got {scores.shape}, {target.shape}")
+        raise ValueError(
+            f"attention_select.kl_to_target: need scores (B, T) and target (..., T); got {scores.shape}, {target.shape}"
+        )
     target = jnp.broadcast_to(target, scores.shape)
     log_p = jax.nn.log_softmax(scores, axis=-1)
     support = target > 0

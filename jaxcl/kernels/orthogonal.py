@@ -11,6 +11,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+# Orthogonality is the point of this module, so TF32/bf16 matmul passes (GPU/TPU defaults) are avoided.
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 # Jitted so the column loop compiles once per shape rather than on every eager call.
 @functools.partial(jax.jit, static_argnames="rtol")
@@ -30,12 +32,12 @@ def gram_schmidt(V: jax.Array, rtol: float | None = None) -> jax.Array:
         column and far below what a genuinely new direction leaves.
 
     Returns:
-      ``Q`` of shape ``(d, k)`` and V's dtype: orthonormal columns, or exact zeros for dependent ones.
+      ``Q`` of shape ``(d, k)``, in V's dtype promoted to at least float32: orthonormal columns, or
+      exact zeros for dependent ones.
     """
     if V.ndim != 2:
         raise ValueError(f"orthogonal.gram_schmidt: V must be (d, k), got shape {V.shape}")
-    if not jnp.issubdtype(V.dtype, jnp.floating):
-        V = V.astype(jnp.float32)
+    V = V.astype(jnp.promote_types(V.dtype, jnp.float32))
     if rtol is None:
         rtol = float(jnp.finfo(V.dtype).eps) ** 0.5
     k = V.shape[1]
@@ -48,7 +50,7 @@ def gram_schmidt(V: jax.Array, rtol: float | None = None) -> jax.Array:
         independent = norm > thresholds[j]
         q = jnp.where(independent, v / jnp.where(independent, norm, 1.0), 0.0)
         A = A.at[:, j].set(q)
-        coeffs = jnp.where(later > j, q @ A, 0.0)  # components of the later columns along q
+        coeffs = jnp.where(later > j, jnp.matmul(q, A, precision=_HIGHEST), 0.0)  # later columns along q
         return A - jnp.outer(q, coeffs)
 
     return jax.lax.fori_loop(0, k, step, V)
@@ -66,7 +68,7 @@ def project_out(G: jax.Array, Q: jax.Array) -> jax.Array:
     """
     if Q.ndim != 2 or G.shape[0] != Q.shape[0]:
         raise ValueError(f"orthogonal.project_out: need Q (d, k) and G (d, ...) with equal d; got {G.shape}, {Q.shape}")
-    return G - Q @ (Q.T @ G)
+    return G - jnp.matmul(Q, jnp.matmul(Q.T, G, precision=_HIGHEST), precision=_HIGHEST)
 
 
 def olora_penalty(A_past: jax.Array, A_new: jax.Array) -> jax.Array:

@@ -74,12 +74,11 @@ def update(state: RLSState, X: jax.Array, Y: jax.Array) -> RLSState:
     Returns:
       the updated state (same shapes and dtypes).
     """
+    R, W = state
+    X, Y = jnp.asarray(X, R.dtype), jnp.asarray(Y, W.dtype)
     _check_block(state, X, Y, "update")
     if X.shape[0] == 0:
         return state
-    R, W = state
-    X = X.astype(R.dtype)
-    Y = Y.astype(W.dtype)
     XR = jnp.matmul(X, R, precision=_HIGHEST)  # (n, dim) = X R
     S = jnp.eye(X.shape[0], dtype=R.dtype) + jnp.matmul(XR, X.T, precision=_HIGHEST)  # I + X R Xᵀ
     K = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(S, lower=True), XR)  # S⁻¹ X R
@@ -109,6 +108,7 @@ def update_blocks(state: RLSState, X: jax.Array, Y: jax.Array, block_size: int) 
     Returns:
       the state after all n rows.
     """
+    X, Y = jnp.asarray(X, state.R.dtype), jnp.asarray(Y, state.W.dtype)
     _check_block(state, X, Y, "update_blocks")
     if int(block_size) != block_size or block_size <= 0:
         raise ValueError(f"rls.update_blocks: block_size must be a positive int, got {block_size!r}")

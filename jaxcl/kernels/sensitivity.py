@@ -81,7 +81,8 @@ def drop_gradients(key: jax.Array, grads, mask, keep_prob, rescale: bool = False
       pytree like ``grads``.
     """
     if isinstance(keep_prob, (int, float)) and not (0.0 < keep_prob <= 1.0 if rescale else 0.0 <= keep_prob <= 1.0):
-        raise ValueError(f"sensitivity.drop_gradients: keep_prob must be in {'(0, 1]' if rescale else '[0, 1]'}, got {keep_prob}")
+        allowed = "(0, 1] with rescale=True" if rescale else "[0, 1]"
+        raise ValueError(f"sensitivity.drop_gradients: keep_prob must be in {allowed}, got {keep_prob}")
     leaves, treedef = jax.tree.flatten(grads)
     masks = treedef.flatten_up_to(mask)
     keys = jax.random.split(key, len(leaves))

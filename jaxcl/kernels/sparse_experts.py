@@ -46,7 +46,9 @@ def hard_concrete(
       gates in [0, 1] with the shape and (floating) dtype of ``log_alpha``.
     """
     if not (gamma < 0.0 and zeta > 1.0 and beta > 0.0):
-        raise ValueError(f"sparse_experts.hard_concrete: need gamma < 0 < 1 < zeta and beta > 0; got {gamma=}, {zeta=}, {beta=}")
+        raise ValueError(
+            f"sparse_experts.hard_concrete: need gamma < 0 < 1 < zeta and beta > 0; got {gamma=}, {zeta=}, {beta=}"
+        )
     log_alpha = jnp.asarray(log_alpha)
     if not jnp.issubdtype(log_alpha.dtype, jnp.floating):
         log_alpha = log_alpha.astype(jnp.float32)

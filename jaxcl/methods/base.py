@@ -25,14 +25,26 @@ SiteShapes = dict  # {site name: (num_layers, d_in, d_out)}
 
 @dataclasses.dataclass(frozen=True)
 class TaskInfo:
-    """What a method may know about the task it starts or ends."""
+    """What a method may know about the task it starts or ends.
 
-    index: int                      # position of the task in the stream
-    num_tasks: int                  # length of the stream
+    Attributes:
+      index: position of the task (phase) in the stream.
+      num_tasks: length of the stream.
+      name: the task's name.
+      batches: ``() -> iterator`` over the task's training data, every example once in a fixed
+        order, as training batches (``input_ids, attention_mask, loss_mask``, ... of
+        ``jaxcl.data.collate_train``; ``loss_mask`` marks the answer, so prompt tokens are
+        ``attention_mask * (1 - loss_mask)``) plus ``task_ids`` (B,) and ``real`` (B,) bool (False on
+        rows that only fill up the last batch). For methods that fit something on the task's data
+        (Any-SSR's router, MIST's sensitivity).
+      model: the NNX model with the current base weights (frozen features, sensitivity gradients).
+    """
+
+    index: int
+    num_tasks: int
     name: str = ""
-    # A callable returning an iterator over the task's training batches (dicts of np arrays);
-    # methods that fit something closed-form at the end of a task (Any-SSR's router) use it.
     batches: Optional[Callable[[], Any]] = None
+    model: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +81,12 @@ class Method:
     def eval_ctx(self, model: Any, state: State, batch: dict, task: int) -> Any:
         """Per-example context at evaluation of task ``task``. Only oracles may use ``task``."""
         del model, state, batch, task
+        return None
+
+    def route(self, model: Any, state: State, batch: dict) -> Optional[jax.Array]:
+        """Routing methods return the task (B,) int32 they pick for each example of an evaluation
+        batch (left-padded prompts); the engine then reports routing accuracy per task."""
+        del model, state, batch
         return None
 
     def extra_loss(self, state: State, base: Any) -> jax.Array:

@@ -27,11 +27,19 @@ from jaxcl.methods.base import Method, SiteShapes, State, TaskInfo
 from jaxcl.models.sites import Adapter, SiteHook
 
 
-def init_bank(key: jax.Array, site_shapes: SiteShapes, sites: tuple[str, ...], rank: int) -> dict:
-    """Fresh LoRAs ``{site: {"a": (L, r, d_in), "b": (L, d_out, r)}}`` (a Kaiming-uniform, b zero)."""
-    missing = [s for s in sites if s not in site_shapes]
-    if missing:
-        raise ValueError(f"method sites {missing} do not exist in this model; it has {sorted(site_shapes)}")
+def select_sites(site_shapes: SiteShapes, patterns: tuple[str, ...]) -> list[str]:
+    """The model's site names that end with one of ``patterns``: ``"attn.q"`` picks Llama's
+    ``attn.q`` and T5's ``encoder.self_attn.q``, ``decoder.self_attn.q`` and ``decoder.cross_attn.q``."""
+    unmatched = [p for p in patterns if not any(name.endswith(p) for name in site_shapes)]
+    if unmatched:
+        raise ValueError(f"method sites {unmatched} match no site of this model; it has {sorted(site_shapes)}")
+    return sorted(name for name in site_shapes if any(name.endswith(p) for p in patterns))
+
+
+def init_bank(key: jax.Array, site_shapes: SiteShapes, patterns: tuple[str, ...], rank: int) -> dict:
+    """Fresh LoRAs ``{site: {"a": (L, r, d_in), "b": (L, d_out, r)}}`` (a Kaiming-uniform, b zero) at
+    every site selected by ``patterns`` (see ``select_sites``)."""
+    sites = select_sites(site_shapes, patterns)
     bank = {}
     for site, k in zip(sites, jax.random.split(key, len(sites))):
         num_layers, d_in, d_out = site_shapes[site]
@@ -60,7 +68,8 @@ class LoRABank(Method):
     """IncLoRA semantics: a new LoRA per task, past ones frozen, all summed.
 
     Attributes:
-      sites: site names to adapt (DESIGN §6: q and v of every attention block).
+      sites: site-name suffixes to adapt (DESIGN §6: q and v of every attention block; see
+        ``select_sites``).
       rank, alpha, dropout: LoRA hyper-parameters (O-LoRA defaults r=8, α=32, dropout 0.1).
       new_lora_per_task: False keeps training one LoRA across tasks (SeqLoRA).
     """
@@ -99,8 +108,9 @@ class LoRABank(Method):
     def adapter(self, state, ctx, key=None):
         params = {}
         past = state["fixed"].get("past", {})  # SeqLoRA keeps no past
-        keys = None if key is None or self.dropout == 0 else jax.random.split(key, len(self.sites))
-        for i, site in enumerate(self.sites):
+        sites = sorted(state["train"]["lora"])
+        keys = None if key is None or self.dropout == 0 else jax.random.split(key, len(sites))
+        for i, site in enumerate(sites):
             p = {"cur": state["train"]["lora"][site]}
             if site in past:
                 p["past"] = past[site]

@@ -111,6 +111,7 @@ class _Runner:
         gen = functools.partial(jstep.generate_step, graphdef=self.graphdef, max_new_tokens=cfg.eval.max_new_tokens,
                                 eos_token_id=self.eos)
         self._generate = {m: jax.jit(functools.partial(gen, method=m)) for m in {method, Method()}}
+        self._route = jax.jit(functools.partial(jstep.route_step, graphdef=self.graphdef, method=method))
         self._eval_loss = jax.jit(functools.partial(self._nll, graphdef=self.graphdef, method=method,
                                                     max_targets=self.spec.max_answer_len))
 
@@ -160,20 +161,39 @@ class _Runner:
             return {k: v.reshape((t.grad_accum, -1) + v.shape[1:]) for k, v in b.items()}
         return batch
 
+    def task_batches(self, members: list[int]):
+        """Every training example of the tasks ``members`` once, in order (see ``TaskInfo.batches``)."""
+        size = self.cfg.eval.batch_size
+        rows = [(i, x) for i in members for x in self.tasks[i].train]
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            real = np.arange(size) < len(chunk)
+            chunk = chunk + [chunk[-1]] * (size - len(chunk))
+            b = batching.collate_train([x for _, x in chunk], real, self.spec)
+            b.pop("position_ids", None)
+            yield dict(b, task_ids=np.array([i for i, _ in chunk], np.int32), real=real)
+
     # -- evaluation ------------------------------------------------------------------------------
-    def evaluate(self, method: Method, params: dict, fixed: dict) -> list[float]:
-        scores = []
+    def evaluate(self, method: Method, params: dict, fixed: dict) -> tuple[list[float], Optional[list[float]]]:
+        """Score (%) on every task's test set, and the routing accuracy (%) per task for methods that
+        route (``Method.route``), else None."""
+        scores, routed = [], []
         fn = self._generate[method]
+        routes = type(method).route is not Method.route
         for j, task in enumerate(self.tasks):
-            preds = []
+            preds, hits = [], []
             for indices, b in batching.eval_batches(task.test, self.cfg.eval.batch_size, self.spec):
                 out = np.asarray(fn(params, self.frozen_base, fixed, b["input_ids"], b["attention_mask"], j))
                 for row in out[: len(indices)]:
                     row = list(row)
                     row = row[: row.index(self.eos)] if self.eos in row else row
                     preds.append(scoring.extract_answer(self.tokenizer.decode(row, skip_special_tokens=True)))
+                if routes:
+                    picked = np.asarray(self._route(params, self.frozen_base, fixed, b["input_ids"], b["attention_mask"]))
+                    hits.extend(picked[: len(indices)] == j)
             scores.append(float(scoring.score(task.metric, preds, task.golds)))
-        return scores
+            routed.append(100.0 * float(np.mean(hits)) if routes else None)
+        return scores, (routed if routes else None)
 
     @staticmethod
     def _nll(params, frozen_base, fixed, batch, *, graphdef, method, max_targets):
@@ -233,7 +253,7 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
     phases = [list(range(len(r.tasks)))] if method.joint else [[i] for i in range(len(r.tasks))]
     state = method.init(jax.random.fold_in(r.key, 10**6), r.site_shapes, len(phases))
     trained_base = r.trained_base
-    meta = {"phase": 0, "step": 0, "rows": [], "base_scores": None, "val_loss": [], "log_lines": 0,
+    meta = {"phase": 0, "step": 0, "rows": [], "routing": [], "base_scores": None, "val_loss": [], "log_lines": 0,
             "checkpoint": 0, "seconds": 0.0}
     restored_opt = None
     latest = ckpt.latest() if resume else None
@@ -262,12 +282,14 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         ckpt.save(meta["checkpoint"], items, meta)
 
     if meta["base_scores"] is None:
-        meta["base_scores"] = r.evaluate(Method(), {"method": {}, "base": trained_base}, {})
+        meta["base_scores"], _ = r.evaluate(Method(), {"method": {}, "base": trained_base}, {})
         log({"event": "eval", "after": "base", "scores": meta["base_scores"]})
 
     for phase in range(meta["phase"], len(phases)):
         members = phases[phase]
-        info = TaskInfo(phase, len(phases), "+".join(r.tasks[i].name for i in members))
+        info = TaskInfo(phase, len(phases), "+".join(r.tasks[i].name for i in members),
+                        batches=functools.partial(r.task_batches, members),
+                        model=jstep.bind(r.graphdef, jstep.merge_base(trained_base, r.frozen_base)))
         steps = r.phase_steps(members)
         tx = r.optimizer(steps)
         if restored_opt is None:
@@ -304,10 +326,12 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
             bar.close()
         trained_base = tstate.params["base"]
         meta["val_loss"] += [r.validation_loss(tstate.params, fixed, i) for i in members]
+        info = dataclasses.replace(info, model=jstep.bind(r.graphdef, jstep.merge_base(trained_base, r.frozen_base)))
         state = method.end_task({"train": tstate.params["method"], "fixed": fixed}, info)
-        row = r.evaluate(method, {"method": state["train"], "base": trained_base}, state["fixed"])
+        row, routed = r.evaluate(method, {"method": state["train"], "base": trained_base}, state["fixed"])
         meta["rows"].append(row)
-        log({"event": "eval", "after": info.name, "scores": row})
+        meta["routing"].append(routed)
+        log({"event": "eval", "after": info.name, "scores": row, "routing_accuracy": routed})
         meta["phase"], meta["step"] = phase + 1, 0
         save({"method": state["train"], "base": trained_base}, state["fixed"])
         if stop_after_steps is not None and steps_this_call >= stop_after_steps and phase + 1 < len(phases):
@@ -323,6 +347,8 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         "base_scores": meta["base_scores"],
         "metrics": {k: (None if v is None else float(v)) for k, v in summary.items()},
         "validation_loss": meta["val_loss"], "method_report": method.report(state),
+        # row i, column j: % of task j's test prompts routed to task j after training task i
+        "routing_accuracy": meta["routing"] if any(x is not None for x in meta["routing"]) else None,
         "seconds": round(time.time() - start_time, 1), "config": cfg.to_dict(), "versions": _versions(),
     }
     write_json_atomic(results_path, results)

@@ -61,7 +61,7 @@ def answer_nll(model: nnx.Module, batch: dict, adapter: Any, max_targets: int) -
     if model.is_encoder_decoder:
         logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
                        batch["decoder_mask"], adapter=adapter)
-        targets, weights = batch["labels"], batch["decoder_mask"]
+        targets, weights = batch["labels"], batch["loss_mask"]
     else:
         hidden = model.hidden(batch["input_ids"], batch["attention_mask"], adapter=adapter)
         predicts = batch["loss_mask"][:, 1:]               # hidden[t] predicts token t + 1
@@ -122,3 +122,10 @@ def generate_step(params, frozen_base, fixed, input_ids, attention_mask, task, *
     adapter = method.adapter(state, method.eval_ctx(model, state, batch, task), None)
     return model.generate_ids(input_ids, attention_mask, max_new_tokens=max_new_tokens,
                               eos_token_id=eos_token_id, adapter=adapter)
+
+
+def route_step(params, frozen_base, fixed, input_ids, attention_mask, *, graphdef, method: Method):
+    """The task (B,) a routing method picks for each prompt of a left-padded batch."""
+    model = bind(graphdef, merge_base(params["base"], frozen_base))
+    state = {"train": params["method"], "fixed": fixed}
+    return method.route(model, state, {"input_ids": input_ids, "attention_mask": attention_mask})

@@ -88,7 +88,10 @@ def test_properties_of_random_matrices(a):
 
 
 @settings(max_examples=30, deadline=None)
-@given(learned=st.lists(st.floats(0, 100), min_size=1, max_size=7), gains=st.lists(st.floats(0, 10), min_size=49, max_size=49))
+@given(
+    learned=st.lists(st.floats(0, 100), min_size=1, max_size=7),
+    gains=st.lists(st.floats(0, 10), min_size=49, max_size=49),
+)
 def test_no_forgetting_gives_zero_bwt_and_forgetting(learned, gains):
     t = len(learned)
     m = np.full((t, t), np.nan)

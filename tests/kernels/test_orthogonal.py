@@ -10,8 +10,8 @@ from jaxcl.kernels import orthogonal
 
 SEEDS = st.integers(0, 2**32 - 1)
 # Shapes come from small menus: each new shape compiles the Gram-Schmidt loop once.
-DIMS = st.sampled_from((6, 16, 40))
-RANKS = st.sampled_from((1, 3, 6))
+DIMS = st.sampled_from((6, 40))
+RANKS = st.sampled_from((1, 5))
 
 
 def _conditioned(rng, d, k, max_cond):
@@ -50,7 +50,7 @@ def test_full_rank_columns_become_orthonormal_float64(d, k, scale, seed, x64):
 def with_dependent_columns(draw):
     """Columns that are new random directions or combinations (incl. zero) of earlier columns."""
     d = draw(st.sampled_from((16, 40)))
-    kinds = draw(st.lists(st.sampled_from(["new", "combo", "zero", "copy"]), min_size=1, max_size=8))
+    kinds = draw(st.lists(st.sampled_from(["new", "combo", "zero", "copy"]), min_size=7, max_size=7))
     return d, ["new"] + kinds, draw(SEEDS)
 
 

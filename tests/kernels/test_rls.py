@@ -15,11 +15,11 @@ from jaxcl.kernels import rls
 # dims, weak ridge and fewer rows than features.
 REGIMES = {
     "float32": (jnp.float32, (48,), (1.0, 100.0), 1e-3),
-    "float64": (jnp.float64, (3, 17), (0.01, 100.0), 1e-4),
+    "float64": (jnp.float64, (17,), (0.01, 100.0), 1e-4),
 }
-# Every new block shape costs a compilation (~0.4 s for the Cholesky solve on CPU), so block sizes
-# come from a small menu; the split of each task into blocks, their order and the data stay random.
-BLOCK_SIZES = (1, 2, 3, 7, 16)
+# Every new shape costs a compilation of the update (~0.2-0.5 s on CPU), so dims and block sizes come
+# from small menus; the split of each task into blocks, their order, gamma and the data stay random.
+BLOCK_SIZES = (1, 3, 8)
 # Jitted: one compilation per shape instead of one per primitive.
 update = jax.jit(rls.update)
 predict = jax.jit(rls.predict)
@@ -35,7 +35,7 @@ def streams(draw, regime):
     tasks = []
     for _ in range(n_tasks):
         blocks = [1] + draw(st.lists(st.sampled_from(BLOCK_SIZES), max_size=5))  # size 1 always included
-        tasks.append((sum(blocks), draw(st.integers(1, 2)), draw(st.permutations(blocks))))
+        tasks.append((sum(blocks), 1, draw(st.permutations(blocks))))  # one output column per task, as Any-SSR
     order = draw(st.permutations(range(n_tasks)))
     return dim, gamma, [tasks[i] for i in order], draw(st.integers(0, 2**32 - 1))
 
@@ -98,7 +98,7 @@ def test_blockwise_task_stream_equals_joint_ridge(regime, data, x64):
 
 @settings(max_examples=8, deadline=None)
 @given(
-    dim=st.sampled_from((5, 32)),
+    dim=st.just(16),
     n_first=st.sampled_from(BLOCK_SIZES),
     n_second=st.sampled_from(BLOCK_SIZES),
     seed=st.integers(0, 2**32 - 1),
@@ -107,18 +107,19 @@ def test_incremental_columns_equal_columns_present_from_the_start(dim, n_first, 
     """add_outputs pads with exactly the ridge solution for zero targets on the rows already seen."""
     rng = np.random.default_rng(seed)
     x1, x2 = (jnp.asarray(rng.standard_normal((n, dim)), jnp.float32) for n in (n_first, n_second))
-    y1, y2 = rng.standard_normal(n_first), rng.standard_normal(n_second)
+    y1, y2, y3 = rng.standard_normal(n_first), rng.standard_normal(n_second), rng.standard_normal(n_second)
     col = lambda *cols: jnp.asarray(np.stack(cols, 1), jnp.float32)  # noqa: E731
+    zeros1, zeros2 = np.zeros_like(y1), np.zeros_like(y2)
     grown = update(rls.init(dim, 1, 10.0), x1, col(y1))
-    grown = update(add_outputs(grown, 1), x2, col(np.zeros_like(y2), y2))
-    full = update(rls.init(dim, 2, 10.0), x1, col(y1, np.zeros_like(y1)))
-    full = update(full, x2, col(np.zeros_like(y2), y2))
+    grown = update(add_outputs(grown, 2), x2, col(zeros2, y2, y3))
+    full = update(rls.init(dim, 3, 10.0), x1, col(y1, zeros1, zeros1))
+    full = update(full, x2, col(zeros2, y2, y3))
     np.testing.assert_allclose(grown.W, full.W, rtol=1e-5, atol=1e-6)
 
 
 @settings(max_examples=6, deadline=None)
 @given(
-    dim=st.sampled_from((5, 32)),
+    dim=st.sampled_from((5, 16)),
     n=st.sampled_from((1, 5, 16, 37)),
     block_size=st.sampled_from((1, 3, 16)),
     seed=st.integers(0, 2**32 - 1),
@@ -137,9 +138,9 @@ def test_update_blocks_equals_sequential_updates(dim, n, block_size, seed):
     assert _rel_err(scanned.W, _joint_ridge([x], [y], 5.0)) <= 1e-3
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
-    dim=st.sampled_from((5, 32)),
+    dim=st.just(16),
     n=st.sampled_from((1, 3)),
     pad=st.sampled_from((1, 2)),
     seed=st.integers(0, 2**32 - 1),
@@ -152,7 +153,8 @@ def test_zero_rows_change_nothing(dim, n, pad, seed):
         jnp.asarray(rng.standard_normal((n, dim)), jnp.float32),
         jnp.asarray(rng.standard_normal((n, 3)), jnp.float32),
     )
-    untouched = update(state, jnp.asarray(np.zeros((pad, dim), np.float32)), jnp.asarray(np.zeros((pad, 3), np.float32)))
+    zeros_x, zeros_y = np.zeros((pad, dim), np.float32), np.zeros((pad, 3), np.float32)
+    untouched = update(state, jnp.asarray(zeros_x), jnp.asarray(zeros_y))
     np.testing.assert_array_equal(untouched.R, state.R)  # bit for bit
     np.testing.assert_array_equal(untouched.W, state.W)
 

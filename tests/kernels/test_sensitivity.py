@@ -102,7 +102,9 @@ def test_info_nce_matches_reference_and_its_lower_bound(batch, n_classes, temper
     bound = np.mean([np.log(np.sum(both == c) - 1) for c in both])
     assert got >= bound - 1e-4
     # Inputs are L2-normalised: rescaling the embeddings changes nothing.
-    scaled = info_nce(jnp.asarray(3 * z1, jnp.float32), jnp.asarray(0.5 * z2, jnp.float32), jnp.asarray(labels), temperature)
+    scaled = info_nce(
+        jnp.asarray(3 * z1, jnp.float32), jnp.asarray(0.5 * z2, jnp.float32), jnp.asarray(labels), temperature
+    )
     np.testing.assert_allclose(float(scaled), got, rtol=1e-5)
 
 

@@ -61,7 +61,8 @@ def test_interpolate_is_weighted_sum(n_experts, batch, seed):
     masks = rng.random((n_experts, 3, 5)).astype(np.float32)
     w = rng.random(n_experts).astype(np.float32)
     wb = rng.random((batch, n_experts)).astype(np.float32)
-    np.testing.assert_allclose(se.interpolate(jnp.asarray(masks), jnp.asarray(w)), sum(w[i] * masks[i] for i in range(n_experts)), rtol=1e-5, atol=1e-6)
+    manual = sum(w[i] * masks[i] for i in range(n_experts))
+    np.testing.assert_allclose(se.interpolate(jnp.asarray(masks), jnp.asarray(w)), manual, rtol=1e-5, atol=1e-6)
     manual = np.stack([sum(wb[b, i] * masks[i] for i in range(n_experts)) for b in range(batch)])
     np.testing.assert_allclose(se.interpolate(jnp.asarray(masks), jnp.asarray(wb)), manual, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"\(E,\) or \(B, E\)"):

@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
+from transformers import T5Config, T5ForConditionalGeneration
 
 from jaxcl.models import Adapter, Llama, SiteHook, generate, load_model
 from jaxcl.models.generate import _pad
@@ -151,6 +153,31 @@ def test_generate_applies_adapter_per_example(tiny):
     plain = generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=3)
     assert with_delta != plain  # the adapter changes the continuations
     assert adapted == [with_delta[0], plain[1], with_delta[2], plain[3]]
+
+
+def test_generate_encoder_decoder_matches_transformers(tmp_path, save_tiny_tokenizer):
+    """T5 through the same entry point: right padding, per-example EOS, a padded last batch."""
+    torch.manual_seed(3)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False, initializer_factor=3.0,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    reference = T5ForConditionalGeneration(config).eval()
+    reference.save_pretrained(str(tmp_path))
+    save_tiny_tokenizer(tmp_path, 64)
+    model, tokenizer = load_model(tmp_path)
+    assert model.is_encoder_decoder
+    prompts = ["w5 w6 w7", "w9", "w10 w11 w12 w13 w14"]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                     do_sample=False)
+        expected.append(tokenizer.decode(out[0, 1:], skip_special_tokens=True))  # drop the start token
+    texts = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    print(f"\n[generate T5] {texts}")
+    assert any(len(t.split()) < 6 for t in expected)  # one example stops at eos
+    assert texts == expected
 
 
 def test_pad_sides():

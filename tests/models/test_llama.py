@@ -224,12 +224,11 @@ def test_remat_same_values_and_gradients(tiny):
         np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-7)
 
 
-def test_random_init_left_padding_finite():
-    dtype = jnp.float32
+def test_random_init_bfloat16_left_padding_finite():
     config = LlamaConfig(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
                          num_attention_heads=6, num_key_value_heads=3, head_dim=8)
-    model = Llama(config, rngs=nnx.Rngs(0), dtype=dtype)
-    assert model.embed[...].dtype == dtype and model.lm_head[...].shape == (24, 50)
+    model = Llama(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    assert model.embed[...].dtype == jnp.bfloat16 and model.lm_head[...].shape == (24, 50)
     mask = jnp.array([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
     logits = jax.jit(lambda m, ids: m(ids, mask))(model, jnp.ones((2, 5), jnp.int32))
     assert logits.dtype == jnp.float32 and logits.shape == (2, 5, 50)

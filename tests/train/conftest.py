@@ -97,3 +97,13 @@ def tiny_config(stream_root: str, **overrides) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+def tiny_t5(vocab_size: int, seed: int = 0):
+    from jaxcl.models.t5 import T5, T5Config
+
+    config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False, scale_decoder_outputs=False,
+                      decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+    return T5(config, rngs=nnx.Rngs(seed), dtype=jnp.float32)

@@ -116,3 +116,13 @@ def test_report_prints_matrix_and_writes_heatmap(stream_root, tmp_path, tiny_mod
     assert "after colors" in out and "AP" in out
     with open(tmp_path / "matrix.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_encoder_decoder_run_adapts_every_attention_block(stream_root, tmp_path, tiny_tokenizer):
+    from conftest import tiny_t5
+
+    model = tiny_t5(len(tiny_tokenizer))
+    results = _run(stream_root, tmp_path, (model, tiny_tokenizer), method="olora")
+    assert np.array(results["matrix"]).shape == (3, 3)
+    steps = [r for r in _steps(tmp_path) if r["event"] == "step"]
+    assert len(steps) == 18 and all(np.isfinite(r["loss"]) for r in steps)
