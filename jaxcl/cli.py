@@ -73,11 +73,14 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from jaxcl.train.report import format_matrix, heatmap, load_results
+    from jaxcl.train.report import budget_plot, format_matrix, heatmap, load_results
 
     results = load_results(args.dir)
     print(format_matrix(results))
     print(f"heatmap: {heatmap(results, os.path.join(args.dir, 'matrix.png'))}")
+    budgets = budget_plot(results, os.path.join(args.dir, "budgets.png"))
+    if budgets:
+        print(f"budgets: {budgets}")
     return 0
 
 

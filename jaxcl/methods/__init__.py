@@ -9,17 +9,21 @@ import dataclasses
 import typing
 from typing import Optional
 
+from jaxcl.methods.any_ssr import AnySSR
 from jaxcl.methods.base import Method, TaskInfo
 from jaxcl.methods.inc_lora import IncLoRA
 from jaxcl.methods.lora_bank import LoRABank
+from jaxcl.methods.mist import MIST
 from jaxcl.methods.mtl import MTL
+from jaxcl.methods.oa_adapter import OAAdapter
 from jaxcl.methods.olora import OLoRA
 from jaxcl.methods.per_task import PerTask
 from jaxcl.methods.replay import ReplayConfig
+from jaxcl.methods.sapt import SAPT
 from jaxcl.methods.seq_ft import SeqFT
 from jaxcl.methods.seq_lora import SeqLoRA
 
-REGISTRY = {m.name: m for m in (SeqFT, SeqLoRA, IncLoRA, OLoRA, MTL, PerTask)}
+REGISTRY = {m.name: m for m in (SeqFT, SeqLoRA, IncLoRA, OLoRA, MTL, PerTask, AnySSR, OAAdapter, SAPT)}
 
 
 class MethodError(ValueError):
@@ -36,8 +40,12 @@ def build(name: str, args: Optional[dict] = None) -> tuple[Method, Optional[Repl
             replay = ReplayConfig(**replay_args)
         except TypeError as e:
             raise MethodError(f"method_args: bad replay option ({e}); known: replay_fraction, replay_per_task") from None
+    mist_args = None
+    if name.startswith("mist+"):
+        name = name[len("mist+"):]
+        mist_args = {k[len("mist_"):]: args.pop(k) for k in list(args) if k.startswith("mist_")}
     if name not in REGISTRY:
-        raise MethodError(f"unknown method {name!r}; known: {sorted(REGISTRY)} (and replay+<method>)")
+        raise MethodError(f"unknown method {name!r}; known: {sorted(REGISTRY)} (and replay+<method>, mist+<method>)")
     cls = REGISTRY[name]
     hints = typing.get_type_hints(cls)
     fields = sorted(f.name for f in dataclasses.fields(cls))
@@ -46,9 +54,24 @@ def build(name: str, args: Optional[dict] = None) -> tuple[Method, Optional[Repl
             raise MethodError(f"method_args.{k}: not an option of {name}; known: {fields}")
         args[k] = _typed(v, hints[k], f"method_args.{k}")
     try:
-        return cls(**args), replay
+        method = cls(**args)
     except (TypeError, ValueError) as e:
         raise MethodError(f"method_args for {name}: {e}") from None
+    return (method if mist_args is None else _mist(method, mist_args)), replay
+
+
+def _mist(inner: Method, options: dict) -> MIST:
+    """``inner`` wrapped in MIST with the ``mist_*`` options (prefix removed)."""
+    hints = typing.get_type_hints(MIST)
+    known = sorted(f.name for f in dataclasses.fields(MIST) if f.name != "inner")
+    for k, v in options.items():
+        if k not in known:
+            raise MethodError(f"method_args.mist_{k}: not a MIST option; known: {['mist_' + f for f in known]}")
+        options[k] = _typed(v, hints[k], f"method_args.mist_{k}")
+    try:
+        return MIST.wrap(inner, **options)
+    except (TypeError, ValueError) as e:
+        raise MethodError(f"method_args for mist: {e}") from None
 
 
 def _typed(value, tp, where: str):
@@ -63,4 +86,4 @@ def _typed(value, tp, where: str):
 
 
 __all__ = ["Method", "TaskInfo", "LoRABank", "SeqFT", "SeqLoRA", "IncLoRA", "OLoRA", "MTL", "PerTask",
-           "ReplayConfig", "REGISTRY", "build", "MethodError"]
+           "MIST", "ReplayConfig", "REGISTRY", "build", "MethodError"]

@@ -40,7 +40,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 50,
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts:
         return []
-    encoded = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    encoded = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
         raise ValueError(f"prompts {empty} encode to no tokens")

@@ -30,6 +30,7 @@ import numpy as np
 
 # model_type -> (module, config class); modules are imported only when needed.
 _ARCHITECTURES = {"llama": ("jaxcl.models.llama", "LlamaConfig"), "t5": ("jaxcl.models.t5", "T5Config")}
+_EMBEDDING = {"llama": "model.embed_tokens.weight", "t5": "shared.weight"}  # HF name of the input embedding
 _HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
               "tokenizer*", "special_tokens_map.json", "spiece.model", "vocab.json", "merges.txt"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
@@ -128,7 +129,19 @@ def _build(hf_config: Mapping[str, Any], tensors: Mapping[str, _Tensor], searche
         config = getattr(module, config_class).from_hf(hf_config)
     except ValueError as e:
         raise ModelLoadError(f"{config_file}: {e}") from e
+    if getattr(config, "tie_word_embeddings", False) and _separate_lm_head(tensors, _EMBEDDING[model_type]):
+        # transformers v5 re-saves e.g. Flan-T5 as "tied" yet keeps its own, different lm_head.weight:
+        # the tensors, not the flag, say what the model computes.
+        config = dataclasses.replace(config, tie_word_embeddings=False)
     return module.from_hf_tensors(config, _getter(tensors, searched), dtype=dtype)
+
+
+def _separate_lm_head(tensors: Mapping[str, _Tensor], embedding: str) -> bool:
+    """Whether the checkpoint holds an ``lm_head.weight`` that differs from the input embedding."""
+    head, emb = tensors.get("lm_head.weight"), tensors.get(embedding)
+    if head is None or emb is None or tuple(head.shape) != tuple(emb.shape):
+        return head is not None
+    return not np.array_equal(head.read(), emb.read())
 
 
 # --------------------------------------------------------------------------- HF directories

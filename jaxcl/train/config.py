@@ -64,6 +64,19 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes along ('data', 'fsdp', 'tensor') (see ``jaxcl.train.sharding``).
+
+    One size may be -1: it takes every device the others leave. The product must equal the number
+    of devices.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     method: str = "seq_lora"
     method_args: dict = dataclasses.field(default_factory=dict)
@@ -72,6 +85,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,6 +151,10 @@ def from_dict(values: dict, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}.train.schedule: expected 'constant' or 'warmup_cosine', got {cfg.train.schedule!r}")
     if cfg.train.optimizer not in ("adamw", "sgd"):
         raise ConfigError(f"{where}.train.optimizer: expected 'adamw' or 'sgd', got {cfg.train.optimizer!r}")
+    sizes = dataclasses.astuple(cfg.mesh)
+    if any(n == 0 or n < -1 for n in sizes) or sizes.count(-1) > 1:
+        raise ConfigError(f"{where}.mesh: sizes must be positive, with at most one -1 (all remaining devices); "
+                          f"got {cfg.mesh}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"{where}.dtype: expected 'float32' or 'bfloat16', got {cfg.dtype!r}")
     return cfg

@@ -28,7 +28,7 @@ from jaxcl import methods as jmethods
 from jaxcl.data import batching, scoring, tokenization
 from jaxcl.kernels import metrics as jmetrics
 from jaxcl.methods.base import Method, TaskInfo
-from jaxcl.train import optim, step as jstep
+from jaxcl.train import optim, sharding as jsharding, step as jstep
 from jaxcl.train.checkpoint import Checkpointer, write_json_atomic
 from jaxcl.train.config import RunConfig
 
@@ -102,18 +102,32 @@ class _Runner:
         self.site_shapes = model.site_shapes()
         self.graphdef, state = nnx.split(model)
         base = nnx.to_pure_dict(state)
-        trained, self.frozen_base = jstep.split_base(method, base)
+        trained, frozen = jstep.split_base(method, base)
+        # -- sharding (jaxcl.train.sharding): weights by rule, batches over data x fsdp
+        self.mesh = jsharding.make_mesh(cfg.mesh)
+        jsharding.check_batch_size(self.mesh, cfg.train.batch_size // cfg.train.grad_accum,
+                                   "train.batch_size / train.grad_accum")
+        jsharding.check_batch_size(self.mesh, cfg.eval.batch_size, "eval.batch_size")
+        self.frozen_base = self.place(frozen)
         # The train step donates what it trains; copy it so the caller's model stays intact.
-        self.trained_base = jax.tree.map(jnp.copy, trained)
+        self.trained_base = self.place(jax.tree.map(jnp.copy, trained))
         self.tasks, self.spec = prepare_stream(cfg, tasks, tokenizer, self.encoder_decoder)
         self.eos = int(self.spec.eos_id)
         self.key = jax.random.PRNGKey(cfg.train.seed)
         gen = functools.partial(jstep.generate_step, graphdef=self.graphdef, max_new_tokens=cfg.eval.max_new_tokens,
                                 eos_token_id=self.eos)
-        self._generate = {m: jax.jit(functools.partial(gen, method=m)) for m in {method, Method()}}
-        self._route = jax.jit(functools.partial(jstep.route_step, graphdef=self.graphdef, method=method))
+        # Evaluation outputs are replicated so that every host can read them back.
+        whole = jsharding.replicated(self.mesh)
+        self._generate = {m: jax.jit(functools.partial(gen, method=m), out_shardings=whole)
+                          for m in {method, Method()}}
+        self._route = jax.jit(functools.partial(jstep.route_step, graphdef=self.graphdef, method=method),
+                              out_shardings=whole)
         self._eval_loss = jax.jit(functools.partial(self._nll, graphdef=self.graphdef, method=method,
-                                                    max_targets=self.spec.max_answer_len))
+                                                    max_targets=self.spec.max_answer_len), out_shardings=whole)
+
+    def place(self, tree):
+        """``tree`` (weights, method or optimizer state) placed on the mesh by the sharding rules."""
+        return jsharding.place(self.mesh, tree)
 
     # -- training --------------------------------------------------------------------------------
     @functools.lru_cache(maxsize=None)
@@ -158,7 +172,8 @@ class _Runner:
             b["task_ids"] = ids[b.pop("example_index")]
             b.pop("position_ids", None)
             # (grad_accum, micro, ...) for the scan over micro-batches inside the step
-            return {k: v.reshape((t.grad_accum, -1) + v.shape[1:]) for k, v in b.items()}
+            b = {k: v.reshape((t.grad_accum, -1) + v.shape[1:]) for k, v in b.items()}
+            return jsharding.shard_batch(self.mesh, b, batch_axis=1)
         return batch
 
     def task_batches(self, members: list[int]):
@@ -179,10 +194,12 @@ class _Runner:
         route (``Method.route``), else None."""
         scores, routed = [], []
         fn = self._generate[method]
+        params, fixed = self.place(params), self.place(fixed)
         routes = type(method).route is not Method.route
         for j, task in enumerate(self.tasks):
             preds, hits = [], []
             for indices, b in batching.eval_batches(task.test, self.cfg.eval.batch_size, self.spec):
+                b = jsharding.shard_batch(self.mesh, {k: b[k] for k in ("input_ids", "attention_mask")})
                 out = np.asarray(fn(params, self.frozen_base, fixed, b["input_ids"], b["attention_mask"], j))
                 for row in out[: len(indices)]:
                     row = list(row)
@@ -207,6 +224,7 @@ class _Runner:
         if not task.validation:
             return None
         total, count = 0.0, 0.0
+        params, fixed = self.place(params), self.place(fixed)
         for start in range(0, len(task.validation), self.cfg.eval.batch_size):
             rows = task.validation[start:start + self.cfg.eval.batch_size]
             real = np.ones(len(rows), bool)
@@ -215,7 +233,7 @@ class _Runner:
             b = batching.collate_train(rows, real, self.spec)
             b.pop("position_ids", None)
             b["task_ids"] = np.full(len(rows), index, np.int32)
-            nll, n = self._eval_loss(params, self.frozen_base, fixed, b)
+            nll, n = self._eval_loss(params, self.frozen_base, fixed, jsharding.shard_batch(self.mesh, b))
             total, count = total + float(nll), count + float(n)
         return total / max(count, 1.0)
 
@@ -235,6 +253,7 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
     """
     from jaxcl.models import load_model
 
+    jsharding.initialize_distributed()  # a multi-host run when the environment names a coordinator
     method, replay = jmethods.build(cfg.method, cfg.method_args)
     results_path = os.path.join(out_dir, "results.json")
     has_run = os.path.exists(results_path) or os.path.isdir(os.path.join(out_dir, "checkpoints"))
@@ -300,7 +319,7 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
             params = {"method": state["train"], "base": trained_base}
             tstate = jstep.TrainState(params, restored_opt, jnp.int32(meta["step"]))
             restored_opt = None
-        fixed = state["fixed"]
+        tstate, fixed = r.place(tstate), r.place(state["fixed"])
         feed = r.feed(phase, members, [i for ph in phases[:phase] for i in ph])
         step_fn = r.train_step(steps)
         bar = _progress(progress, steps, meta["step"], info.name)

@@ -74,3 +74,37 @@ def heatmap(results: dict, path: str) -> str:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def budget_plot(results: dict, path: str) -> str | None:
+    """Plot per-layer bottleneck budgets r_eff of every task (OA-Adapter's ``method_report["r_eff"]``,
+    ``{site: [task][layer]}``), one panel per site; returns the path, or None when the run has none."""
+    report = results.get("method_report") or {}
+    r_eff = report.get("r_eff")
+    if not isinstance(r_eff, dict) or not r_eff:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = results["tasks"]
+    fig, axes = plt.subplots(1, len(r_eff), figsize=(5 * len(r_eff), 3.5), squeeze=False, sharey=True)
+    for ax, (site, per_task) in zip(axes[0], sorted(r_eff.items())):
+        for t, layers in enumerate(per_task):
+            ax.plot(range(len(layers)), layers, marker="o", ms=3, label=tasks[t] if t < len(tasks) else f"task {t}")
+        ax.set_title(site)
+        ax.set_xlabel("layer")
+        ax.set_ylim(-0.5, report.get("r_max", max(max(x) for x in per_task)) + 0.5)
+    axes[0][0].set_ylabel("r_eff (active dims)")
+    axes[0][-1].legend(fontsize="small")
+    used, allocated = report.get("adapter_params_used"), report.get("adapter_params_allocated")
+    title = f"{results['method']}: budget per layer and task"
+    if used is not None and allocated:
+        title += f" — {used:,} of {allocated:,} adapter parameters used ({100 * used / allocated:.1f}%)"
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

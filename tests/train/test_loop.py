@@ -9,7 +9,7 @@ from jaxcl import cli
 from jaxcl.train import config as jconfig
 from jaxcl.train.loop import Interrupted, RunError, run
 
-from conftest import TASKS, tiny_config, tiny_llama
+from tiny_cl import TASKS, tiny_config, tiny_llama
 
 
 def _run(stream_root, out, tiny_model, **overrides):
@@ -119,7 +119,7 @@ def test_report_prints_matrix_and_writes_heatmap(stream_root, tmp_path, tiny_mod
 
 
 def test_encoder_decoder_run_adapts_every_attention_block(stream_root, tmp_path, tiny_tokenizer):
-    from conftest import tiny_t5
+    from tiny_cl import tiny_t5
 
     model = tiny_t5(len(tiny_tokenizer))
     results = _run(stream_root, tmp_path, (model, tiny_tokenizer), method="olora")

@@ -12,7 +12,7 @@ from jaxcl.data import collate_train, load_stream, make_batch_spec, tokenize_exa
 from jaxcl.methods import TaskInfo
 from jaxcl.train import step as jstep
 
-from conftest import TASKS
+from tiny_cl import TASKS
 
 
 def _setup(tiny_model, stream_root, method, batch_size=8):

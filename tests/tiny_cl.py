@@ -1,5 +1,7 @@
-"""Fixtures for engine tests: a tiny CL_Benchmark-format stream, a word-level tokenizer over it, and
-a tiny random JAX Llama — small enough that a whole continual-learning run takes seconds."""
+"""Helpers for engine and method tests: a tiny CL_Benchmark-format stream, a word-level tokenizer over
+it, and tiny random JAX Llama / T5 models — small enough that a whole continual-learning run takes
+seconds. (A module with its own name, so test files in any folder can import it unambiguously.)"""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +9,6 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 # Three synthetic classification tasks: the label is a fixed function of the sentence's words.
@@ -52,22 +53,6 @@ def word_tokenizer(texts):
                                    unk_token="<unk>", bos_token="<s>")
 
 
-@pytest.fixture(scope="session")
-def stream_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("stream"))
-    write_stream(root)
-    return root
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(stream_root):
-    from jaxcl.data import load_stream
-
-    tasks = load_stream("cl_benchmark", list(TASKS), stream_root)
-    texts = [e.prompt + " " + e.answer for t in tasks for e in t.train + t.test]
-    return word_tokenizer(texts)
-
-
 def tiny_llama(vocab_size: int, seed: int = 0):
     from jaxcl.models import Llama, LlamaConfig
 
@@ -75,12 +60,6 @@ def tiny_llama(vocab_size: int, seed: int = 0):
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=(1,),
                          pad_token_id=0, initializer_range=0.1)
     return Llama(config, rngs=nnx.Rngs(seed), dtype=jnp.float32)
-
-
-@pytest.fixture()
-def tiny_model(tiny_tokenizer):
-    """A fresh ``(model, tokenizer)`` (models are mutable NNX objects: one per test)."""
-    return tiny_llama(len(tiny_tokenizer)), tiny_tokenizer
 
 
 def tiny_config(stream_root: str, **overrides) -> dict:

@@ -1,0 +1,392 @@
+"""MIST: mutual-information-guided sparse tuning of the backbone, as a plug-in to any method.
+
+``MIST(inner=...)`` (config ``mist+<method>``, options as ``mist_*`` keys) runs the inner method
+unchanged and, besides its parameters, also trains a sparse, task-specific part of the backbone
+weights at ``sites`` (DESIGN §6):
+
+1. Sensitivity, at ``begin_task``, without updating any weight: the squared gradients of a mutual
+   information objective, accumulated over the task's training batches (``kernels.sensitivity``):
+   supervised InfoNCE (temperature 0.07) between two stochastic views of each prompt — two
+   independent token-drop passes (each prompt token hidden from attention with probability
+   ``token_drop``) — of the mean-pooled final hidden states, passed through a random, frozen
+   projection head (Linear d→d, ReLU, Linear d→``head_dim``) and L2-normalised. Positives are the
+   examples of the batch with the same answer string. T5 pools the encoder output and adds the
+   decoder's hidden state at its start token, so that decoder weights get scores too.
+2. Mask: per weight matrix (every layer's slice of a stacked site weight), the entries whose score is
+   ≥ the (1 − ``fraction``) quantile (``sensitivity.topk_mask``: exactly ``round(fraction · size)``).
+3. Sparse tuning: the site weights are trainable base leaves (``base_trainable``) and
+   ``transform_grads`` zeroes their gradient outside the mask, keeps each masked entry with
+   probability ``keep_prob`` (= 1 − p, p = 0.9: ``sensitivity.drop_gradients``) and scales it by
+   ``decay ** (number of earlier tasks whose mask held the entry)``.
+
+Fixed state ``fixed["mist"]``: ``selected[site]`` (L, d_in, d_out) unsigned ints whose bit ``t`` says
+task ``t``'s mask holds the entry (the mask history in one byte per entry for ≤ 8 tasks, two for
+≤ 16, four for ≤ 32), ``task`` (), the current task, and ``overlap`` (T, T): row t, column s < t is
+the share of task t's mask also chosen by task s (the diagonal is 1). ``report`` adds them to the
+inner method's report.
+
+What the optimizer does with these gradients matters (the engine has one optimizer for everything):
+  * entries outside the mask never get a gradient, so with zero weight decay they stay
+    bit-identical under SGD, SGD with momentum or Adam(W) — weight decay > 0 moves them;
+  * with plain SGD an entry moves only on the steps where its gradient is kept, so about
+    ``fraction · keep_prob`` of the site weights change per step;
+  * with momentum or Adam, an entry whose gradient was kept once keeps moving on later steps through
+    the optimizer state, so up to ``fraction`` of the entries change per step. DESIGN's MIST uses
+    SGD with momentum 0.9 and lr 1e-4 for the backbone part while the inner method keeps its own
+    optimizer; that needs per-group optimizers in the engine (not available yet).
+
+The inner method's state lives alongside: ``fixed`` holds the inner method's fixed state plus the
+``"mist"`` key (so the inner method must not use that key); ``train`` is the inner method's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcl.kernels import sensitivity
+from jaxcl.methods.base import Method, TaskInfo
+from jaxcl.methods.seq_lora import SeqLoRA
+
+LLAMA_PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+
+
+def site_path(site: str) -> str:
+    """The base-weight path (``nnx.to_pure_dict`` keys joined by ``/``) of a site's stacked weight.
+
+    Llama keeps every projection in ``layers/<name>`` (``attn.q`` → ``layers/q``); T5 keeps them per
+    stack with dots turned into underscores (``encoder.self_attn.q`` → ``encoder/layers/self_attn_q``).
+    ``MIST.begin_task`` checks the result against the model.
+    """
+    stack, _, rest = site.partition(".")
+    if stack in ("encoder", "decoder"):
+        return f"{stack}/layers/{rest.replace('.', '_')}"
+    return f"layers/{site.rpartition('.')[2]}"
+
+
+def _get(tree: dict, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _replace(tree: dict, path: str, value) -> dict:
+    """A copy of the nested dict ``tree`` with the leaf at ``path`` replaced (other leaves shared)."""
+    head, _, rest = path.partition("/")
+    return dict(tree, **{head: _replace(tree[head], rest, value) if rest else value})
+
+
+def _bits_dtype(num_tasks: int):
+    for dtype in (jnp.uint8, jnp.uint16, jnp.uint32):
+        if num_tasks <= jnp.iinfo(dtype).bits:
+            return dtype
+    raise ValueError(f"mist keeps one bit per task and supports at most 32 tasks; the stream has {num_tasks}")
+
+
+def current_mask(selected: jax.Array, task: jax.Array) -> jax.Array:
+    """Boolean mask of task ``task`` from the bit field ``selected``."""
+    one = jnp.ones((), selected.dtype)
+    return (jnp.right_shift(selected, task.astype(selected.dtype)) & one).astype(bool)
+
+
+def earlier_count(selected: jax.Array, task: jax.Array) -> jax.Array:
+    """How many tasks before ``task`` chose each entry (int32, shape of ``selected``)."""
+    below = jnp.left_shift(jnp.ones((), selected.dtype), task.astype(selected.dtype)) - jnp.ones((), selected.dtype)
+    return jax.lax.population_count(selected & below).astype(jnp.int32)
+
+
+def answer_labels(answers: jax.Array) -> jax.Array:
+    """``(B,)`` int32 class ids: the index of the first row holding the same answer.
+
+    Args:
+      answers: ``(B, A)`` answer token ids, aligned at position 0 and padded with -1.
+    """
+    same = jnp.all(answers[:, None, :] == answers[None, :, :], axis=-1)
+    return jnp.argmax(same, axis=1).astype(jnp.int32)
+
+
+def _token_drop(key: jax.Array, mask: jax.Array, rate: float) -> jax.Array:
+    """``mask`` with each token dropped with probability ``rate``; a row never loses all its tokens."""
+    kept = mask & jax.random.bernoulli(key, 1.0 - rate, mask.shape)
+    return jnp.where(jnp.any(kept, axis=1, keepdims=True), kept, mask)
+
+
+def _masked_mean(h: jax.Array, mask: jax.Array) -> jax.Array:
+    h = h.astype(jnp.float32)
+    total = jnp.sum(jnp.where(mask[..., None], h, 0.0), axis=1)
+    return total / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1).astype(jnp.float32)
+
+
+def pooled_features(model, input_ids: jax.Array, prompt_mask: jax.Array) -> jax.Array:
+    """``(B, F)`` features of the prompt tokens marked by ``prompt_mask`` (bool, (B, S)).
+
+    Decoder-only: the mean of the final hidden states over those tokens (F = d). T5: that mean over
+    the encoder output, concatenated with the decoder's hidden state at its start token (F = 2d).
+    """
+    attention = prompt_mask.astype(jnp.int32)
+    if not model.is_encoder_decoder:
+        return _masked_mean(model.hidden(input_ids, attention), prompt_mask)
+    encoded = model.encode(input_ids, attention)
+    start = jnp.full((input_ids.shape[0], 1), model.config.decoder_start_token_id, jnp.int32)
+    first = model.decode_hidden(start, encoded, attention)[:, 0].astype(jnp.float32)
+    return jnp.concatenate([_masked_mean(encoded, prompt_mask), first], axis=-1)
+
+
+def _projection_head(key: jax.Array, features: jax.Array, head_dim: int) -> jax.Array:
+    """A random, frozen two-layer head (He-normal init, no biases): ``relu(f W1) W2``."""
+    k1, k2 = jax.random.split(key)
+    width = features.shape[-1]
+    w1 = jax.random.normal(k1, (width, width)) * np.sqrt(2.0 / width)
+    w2 = jax.random.normal(k2, (width, head_dim)) * np.sqrt(1.0 / width)
+    return jax.nn.relu(features @ w1) @ w2
+
+
+def _prompt_and_answers(batch: dict, encoder_decoder: bool) -> tuple[jax.Array, jax.Array]:
+    """Prompt-token mask (B, S) bool and aligned answer ids (B, A) padded with -1 of a training batch."""
+    if encoder_decoder:
+        answers = jnp.where(batch["decoder_mask"] > 0, batch["labels"], -1)
+        return batch["attention_mask"] > 0, answers
+    answer = batch["loss_mask"] > 0
+    prompt = (batch["attention_mask"] > 0) & ~answer
+    length = answer.shape[1]
+    where = jax.vmap(lambda m: jnp.nonzero(m, size=length, fill_value=0)[0])(answer)
+    count = jnp.sum(answer, axis=1, keepdims=True)
+    tokens = jnp.take_along_axis(batch["input_ids"], where, axis=1)
+    return prompt, jnp.where(jnp.arange(length)[None] < count, tokens, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "paths", "temperature", "token_drop", "head_dim"))
+def squared_grads(weights: dict, base: dict, batch: dict, key: jax.Array, *, graphdef, paths: tuple,
+                  temperature: float, token_drop: float, head_dim: int) -> tuple[dict, jax.Array]:
+    """Squared gradient of the MI objective on one batch w.r.t. the site weights, and the objective.
+
+    Args:
+      weights: ``{site: stacked weight}`` to differentiate (the values of ``base`` at ``paths``).
+      base: the model's pure parameter dict.
+      batch: a training batch (real rows only).
+      key: PRNG key of the two views; ``fold_in(key, 2)`` seeds the projection head, so one key per
+        task gives one head for all of the task's batches.
+      graphdef: the model's NNX graph definition.
+      paths: ``((site, base path), ...)``.
+      temperature, token_drop, head_dim: see ``MIST``.
+    """
+    def objective(weights):
+        params = base
+        for site, path in paths:
+            params = _replace(params, path, weights[site])
+        model = nnx.merge(graphdef, params)
+        prompt, answers = _prompt_and_answers(batch, model.is_encoder_decoder)
+        # Both views in one forward pass (one traced model, not two).
+        views = jnp.concatenate([_token_drop(jax.random.fold_in(key, i), prompt, token_drop) for i in range(2)])
+        features = pooled_features(model, jnp.concatenate([batch["input_ids"]] * 2), views)
+        z1, z2 = jnp.split(_projection_head(jax.random.fold_in(key, 2), features, head_dim), 2)
+        return sensitivity.info_nce(z1, z2, answer_labels(answers), temperature)
+
+    loss, grads = jax.value_and_grad(objective)(weights)
+    return jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grads), loss
+
+
+@functools.partial(jax.jit, static_argnames=("fraction",))
+def layer_masks(scores: dict, fraction: float) -> dict:
+    """Per layer slice of each stacked ``(L, d_in, d_out)`` score array, the top-``fraction`` mask."""
+    return jax.vmap(lambda s: sensitivity.topk_mask(s, fraction))(scores)
+
+
+@dataclasses.dataclass(frozen=True)
+class MIST(Method):
+    """Sparse, MI-guided backbone tuning around ``inner`` (any method).
+
+    Attributes:
+      inner: the wrapped method (``mist+<name>`` builds it from the other ``method_args``).
+      sites: sites whose backbone weights are tuned (Llama names by default, every projection; T5
+        names them ``encoder.self_attn.q`` ...).
+      fraction: k, the share of each weight matrix in the task's mask (DESIGN: 5%; official 10%).
+      keep_prob: probability of keeping a masked gradient entry on a step (1 − p, p = 0.9).
+      decay: gradient scale per earlier task that chose the entry (0.9).
+      temperature: InfoNCE temperature.
+      token_drop: probability of hiding each prompt token in a view.
+      head_dim: output width of the random projection head.
+      sensitivity_examples: score on about this many training examples (whole batches); 0 = all.
+    """
+
+    name = "mist"
+    inner: Method = dataclasses.field(default_factory=SeqLoRA)
+    sites: tuple = LLAMA_PROJECTIONS
+    fraction: float = 0.05
+    keep_prob: float = 0.1
+    decay: float = 0.9
+    temperature: float = 0.07
+    token_drop: float = 0.1
+    head_dim: int = 128
+    sensitivity_examples: int = 0
+
+    def __post_init__(self):
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"mist fraction must be in (0, 1], got {self.fraction}")
+        if not 0.0 < self.keep_prob <= 1.0:
+            raise ValueError(f"mist keep_prob must be in (0, 1], got {self.keep_prob}")
+        if not 0.0 <= self.token_drop < 1.0:
+            raise ValueError(f"mist token_drop must be in [0, 1), got {self.token_drop}")
+        if not self.sites:
+            raise ValueError("mist sites must name at least one site")
+
+    @staticmethod
+    def wrap(inner: Method, **options) -> "MIST":
+        """MIST around ``inner``; the result routes (``Method.route``) exactly when ``inner`` does."""
+        routes = type(inner).route is not Method.route
+        return (RoutingMIST if routes else MIST)(inner=inner, **options)
+
+    @property
+    def joint(self) -> bool:
+        return self.inner.joint
+
+    # -- state plumbing: the inner method never sees fixed["mist"] -----------------------------------
+    @staticmethod
+    def _inner(state) -> dict:
+        return {"train": state["train"], "fixed": {k: v for k, v in state["fixed"].items() if k != "mist"}}
+
+    @staticmethod
+    def _outer(inner_state, state) -> dict:
+        if "mist" in inner_state["fixed"]:
+            raise ValueError("mist: the inner method uses the fixed-state key 'mist', which MIST reserves")
+        return {"train": inner_state["train"], "fixed": dict(inner_state["fixed"], mist=state["fixed"]["mist"])}
+
+    def _paths(self) -> tuple:
+        return tuple((site, site_path(site)) for site in self.sites)
+
+    # -- protocol --------------------------------------------------------------------------------
+    def init(self, key, site_shapes, num_tasks):
+        missing = [s for s in self.sites if s not in site_shapes]
+        if missing:
+            raise ValueError(f"mist sites {missing} do not exist in this model; it has {sorted(site_shapes)}")
+        state = self.inner.init(key, site_shapes, num_tasks)
+        dtype = _bits_dtype(num_tasks)
+        mist = {"selected": {site: jnp.zeros(site_shapes[site], dtype) for site in self.sites},
+                "task": jnp.zeros((), jnp.int32),
+                "overlap": jnp.zeros((num_tasks, num_tasks), jnp.float32)}
+        return self._outer(state, {"fixed": {"mist": mist}})
+
+    def begin_task(self, key, state, task: TaskInfo, site_shapes):
+        key_inner, key_mi = jax.random.split(key)
+        state = self._outer(self.inner.begin_task(key_inner, self._inner(state), task, site_shapes), state)
+        if task.model is None or task.batches is None:
+            raise ValueError("mist.begin_task needs TaskInfo.model and TaskInfo.batches to score sensitivity")
+        masks = layer_masks(self.sensitivity(key_mi, task), self.fraction)
+        mist = state["fixed"]["mist"]
+        t = jnp.int32(task.index)
+        selected = {site: mist["selected"][site] | jnp.left_shift(m.astype(mist["selected"][site].dtype),
+                                                                   t.astype(mist["selected"][site].dtype))
+                    for site, m in masks.items()}
+        chosen = sum(jnp.sum(m, dtype=jnp.float32) for m in masks.values())
+        row = jnp.stack([sum(jnp.sum(m & current_mask(selected[site], jnp.int32(s)), dtype=jnp.float32)
+                             for site, m in masks.items()) / chosen
+                         for s in range(mist["overlap"].shape[0])])
+        mist = {"selected": selected, "task": t, "overlap": mist["overlap"].at[task.index].set(row)}
+        return {"train": state["train"], "fixed": dict(state["fixed"], mist=mist)}
+
+    def sensitivity(self, key: jax.Array, task: TaskInfo) -> dict:
+        """``{site: (L, d_in, d_out)}`` empirical-Fisher scores of the MI objective on ``task``'s data.
+
+        Reads ``task.model`` and ``task.batches``; no weight is updated.
+        """
+        graphdef, params = nnx.split(task.model)
+        base = nnx.to_pure_dict(params)
+        weights = {}
+        for site, path in self._paths():
+            try:
+                weights[site] = _get(base, path)
+            except (KeyError, TypeError):
+                raise ValueError(f"mist: site {site!r} has no base weight at {path!r} in this model") from None
+        batches = self._scoring_batches(task)
+        if not batches:
+            raise ValueError(f"mist: task {task.name!r} has no training batch to score sensitivity on")
+        total = None
+        for i, batch in enumerate(batches):
+            sq, _ = squared_grads(weights, base, batch, jax.random.fold_in(key, i), graphdef=graphdef,
+                                  paths=self._paths(), temperature=self.temperature, token_drop=self.token_drop,
+                                  head_dim=self.head_dim)
+            total = sq if total is None else jax.tree.map(jnp.add, total, sq)
+        return sensitivity.fisher_scores(total, len(batches))
+
+    def _scoring_batches(self, task: TaskInfo) -> list:
+        """The task's batches used for scoring, all of one shape so that scoring compiles once.
+
+        Filler rows (``real`` False, which carry no answer mask) become copies of the batch's last real
+        row, and every array is padded on the right to the longest batch (padding is masked out).
+        """
+        batches, seen = [], 0
+        for batch in task.batches():
+            real = np.asarray(batch["real"], bool)
+            source = np.where(real, np.arange(real.size), np.flatnonzero(real)[-1])
+            batches.append({k: np.asarray(v)[source] for k, v in batch.items() if k not in ("real", "task_ids")})
+            seen += int(real.sum())
+            if self.sensitivity_examples and seen >= self.sensitivity_examples:
+                break
+        width = {k: max(b[k].shape[1] for b in batches) for k in (batches[0] if batches else {})}
+        return [{k: jnp.asarray(np.pad(v, [(0, 0), (0, width[k] - v.shape[1])])) for k, v in b.items()}
+                for b in batches]
+
+    def base_trainable(self, path):
+        return path in {p for _, p in self._paths()} or self.inner.base_trainable(path)
+
+    def adapter(self, state, ctx, key=None):
+        return self.inner.adapter(self._inner(state), ctx, key)
+
+    def train_ctx(self, state, batch):
+        return self.inner.train_ctx(self._inner(state), batch)
+
+    def eval_ctx(self, model, state, batch, task):
+        return self.inner.eval_ctx(model, self._inner(state), batch, task)
+
+    def extra_loss(self, state, base):
+        return self.inner.extra_loss(self._inner(state), base)
+
+    def transform_grads(self, grads, state, key):
+        key_inner, key_drop = jax.random.split(key)
+        grads = self.inner.transform_grads(grads, self._inner(state), key_inner)
+        mist = state["fixed"]["mist"]
+        paths = self._paths()
+        site_grads = {site: _get(grads["base"], path) for site, path in paths}
+        masks = {site: current_mask(mist["selected"][site], mist["task"]) for site, _ in paths}
+        kept = sensitivity.drop_gradients(key_drop, site_grads, masks, self.keep_prob)
+        base = grads["base"]
+        for site, path in paths:
+            scale = jnp.power(jnp.float32(self.decay), earlier_count(mist["selected"][site], mist["task"]))
+            base = _replace(base, path, (kept[site] * scale).astype(kept[site].dtype))
+        return dict(grads, base=base)
+
+    def post_update(self, state):
+        return self._outer(self.inner.post_update(self._inner(state)), state)
+
+    def end_task(self, state, task):
+        return self._outer(self.inner.end_task(self._inner(state), task), state)
+
+    def report(self, state):
+        mist = state["fixed"]["mist"]
+        t = int(mist["task"])
+        sizes = {site: int(np.prod(s.shape)) for site, s in mist["selected"].items()}
+        per_task = []
+        for s in range(t + 1):
+            chosen = sum(int(jnp.sum(current_mask(sel, jnp.int32(s)))) for sel in mist["selected"].values())
+            per_task.append(chosen / sum(sizes.values()))
+        overlap = np.asarray(mist["overlap"])[: t + 1, : t + 1]
+        return dict(self.inner.report(self._inner(state)), mist={
+            "sites": list(self.sites), "fraction": self.fraction, "keep_prob": self.keep_prob, "decay": self.decay,
+            "tuned_weights": sum(sizes.values()),
+            "mask_share_per_task": per_task,
+            # row t, column s <= t: share of task t's mask that task s also chose
+            "mask_overlap": np.round(np.tril(overlap), 6).tolist(),
+            "expected_share_changed_per_step_plain_sgd": self.fraction * self.keep_prob})
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingMIST(MIST):
+    """MIST around a routing method (the engine reports routing accuracy for it)."""
+
+    def route(self, model, state, batch):
+        return self.inner.route(model, self._inner(state), batch)

@@ -1,0 +1,28 @@
+"""Fixtures shared by the engine and method tests (the helpers themselves live in tiny_cl.py)."""
+from __future__ import annotations
+
+import pytest
+
+from tiny_cl import TASKS, tiny_llama, word_tokenizer, write_stream
+
+
+@pytest.fixture(scope="session")
+def stream_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("stream"))
+    write_stream(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(stream_root):
+    from jaxcl.data import load_stream
+
+    tasks = load_stream("cl_benchmark", list(TASKS), stream_root)
+    texts = [e.prompt + " " + e.answer for t in tasks for e in t.train + t.test]
+    return word_tokenizer(texts)
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    """A fresh ``(model, tokenizer)`` (models are mutable NNX objects: one per test)."""
+    return tiny_llama(len(tiny_tokenizer)), tiny_tokenizer

@@ -1,0 +1,192 @@
+"""MIST on the tiny engine stream: MI sensitivity without weight updates, per-layer masks, sparse and
+thinned backbone updates (bit-identical outside the mask), decay, mask overlap, and a full run."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxcl import methods
+from jaxcl.data import batching, load_stream, tokenization
+from jaxcl.methods import MIST, SeqLoRA, TaskInfo
+from jaxcl.methods.mist import current_mask, site_path
+from jaxcl.train import config as jconfig
+from jaxcl.train import step as jstep
+from jaxcl.train.checkpoint import Checkpointer
+from jaxcl.train.loop import run
+
+from tiny_cl import TASKS, tiny_config
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def stream(stream_root, tiny_tokenizer):
+    tasks = load_stream("cl_benchmark", list(TASKS), stream_root)
+    spec = tokenization.make_batch_spec(tiny_tokenizer, "decoder", 48, 4, bucket_multiple=16)
+    return [tokenization.tokenize_examples(t.train, tiny_tokenizer, spec) for t in tasks], spec
+
+
+def _batches(rows, index, spec):
+    """``TaskInfo.batches`` of one task: every row once, the last batch filled up with filler rows."""
+    for start in range(0, len(rows), BATCH):
+        chunk = rows[start:start + BATCH]
+        real = np.arange(BATCH) < len(chunk)
+        b = batching.collate_train(chunk + [chunk[-1]] * (BATCH - len(chunk)), real, spec)
+        b.pop("position_ids")
+        yield dict(b, task_ids=np.full(BATCH, index, np.int32), real=real)
+
+
+def _info(model, stream, index):
+    rows, spec = stream
+    return TaskInfo(index, len(rows), list(TASKS)[index], batches=lambda: _batches(rows[index], index, spec), model=model)
+
+
+def test_sensitivity_updates_no_weight_and_masks_keep_the_fraction_per_layer(tiny_model, stream):
+    model, _ = tiny_model
+    method = MIST(inner=SeqLoRA(dropout=0.0), fraction=0.1)
+    before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model)))
+    state = method.init(jax.random.PRNGKey(0), model.site_shapes(), 3)
+    scores = method.sensitivity(jax.random.split(jax.random.PRNGKey(1))[1], _info(model, stream, 0))  # begin_task's key
+    state = method.begin_task(jax.random.PRNGKey(1), state, _info(model, stream, 0), model.site_shapes())
+    after = nnx.to_pure_dict(nnx.state(model))
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, after))
+    mist = state["fixed"]["mist"]
+    for site, (layers, d_in, d_out) in model.site_shapes().items():
+        assert np.all(np.asarray(scores[site]) >= 0) and np.asarray(scores[site]).max() > 0, site
+        mask = np.asarray(current_mask(mist["selected"][site], mist["task"]))
+        per_layer = mask.reshape(layers, -1).sum(axis=1)
+        np.testing.assert_array_equal(per_layer, round(0.1 * d_in * d_out), err_msg=site)
+        # the mask is the top of the scores: every kept score >= every dropped score, per layer
+        s = np.asarray(scores[site]).reshape(layers, -1)
+        m = mask.reshape(layers, -1)
+        assert np.all(s[m].reshape(layers, -1).min(axis=1) >= np.where(m, -np.inf, s).max(axis=1)), site
+
+
+def test_transform_grads_keeps_masked_entries_scaled_by_decay_per_earlier_task():
+    shape = (2, 6, 5)
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 8, size=shape).astype(np.uint8)   # tasks 0, 1, 2 chose entries at random
+    method = MIST(inner=SeqLoRA(), sites=("attn.q",), keep_prob=1.0, decay=0.9)
+    grad = rng.normal(size=shape).astype(np.float32)
+    state = {"train": {}, "fixed": {"mist": {"selected": {"attn.q": jnp.asarray(bits)}, "task": jnp.int32(2),
+                                             "overlap": jnp.zeros((3, 3))}}}
+    grads = {"method": {}, "base": {"layers": {"q": jnp.asarray(grad), "k": None}}}
+    out = np.asarray(method.transform_grads(grads, state, jax.random.PRNGKey(0))["base"]["layers"]["q"])
+    earlier = (bits & 1) + ((bits >> 1) & 1)
+    expected = np.where(bits & 4, grad * 0.9 ** earlier, 0.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    # with dropping: only masked entries survive, each unchanged apart from the decay
+    dropped = np.asarray(MIST(inner=SeqLoRA(), sites=("attn.q",), keep_prob=0.5).transform_grads(
+        grads, state, jax.random.PRNGKey(1))["base"]["layers"]["q"])
+    kept = dropped != 0
+    assert 0 < kept.sum() < (bits & 4).astype(bool).sum()
+    np.testing.assert_allclose(dropped[kept], expected[kept], rtol=1e-6)
+
+
+def _train(model, stream, method, tx, steps):
+    """Sensitivity + masks for task 0, then ``steps`` engine train steps; site weights after each step."""
+    rows, spec = stream
+    graphdef, params = nnx.split(model)
+    base = nnx.to_pure_dict(params)
+    state = method.init(jax.random.PRNGKey(0), model.site_shapes(), 3)
+    state = method.begin_task(jax.random.PRNGKey(1), state, _info(model, stream, 0), model.site_shapes())
+    trained, frozen = jstep.split_base(method, base)
+    p = jax.tree.map(jnp.copy, {"method": state["train"], "base": trained})
+    ts = jstep.TrainState(p, tx.init(p), jnp.int32(0))
+    fn = jax.jit(functools.partial(jstep.train_step, graphdef=graphdef, method=method, tx=tx,
+                                   max_targets=spec.max_answer_len), donate_argnums=(0,))
+    history = [jax.tree.map(np.array, ts.params["base"]["layers"])]
+    for s in range(steps):
+        b = batching.train_batch(rows[0], BATCH, 0, s, spec)
+        b.pop("position_ids")
+        b["task_ids"] = np.zeros(BATCH, np.int32)
+        b.pop("example_index")
+        ts, _ = fn(ts, frozen, state["fixed"], {k: v[None] for k, v in b.items()}, jax.random.PRNGKey(100 + s))
+        history.append(jax.tree.map(np.array, ts.params["base"]["layers"]))
+    mist = state["fixed"]["mist"]
+    masks = {site_path(site).split("/")[1]: np.asarray(current_mask(mist["selected"][site], mist["task"]))
+             for site in method.sites}
+    return history, masks
+
+
+def _changed_per_step(history, masks):
+    """Per step: (share of site entries that changed, whether any entry outside the mask changed)."""
+    total = sum(m.size for m in masks.values())
+    shares, outside = [], False
+    for prev, cur in zip(history, history[1:]):
+        changed = {k: prev[k] != cur[k] for k in masks}
+        shares.append(sum(int(c.sum()) for c in changed.values()) / total)
+        outside |= any(bool((c & ~masks[k]).any()) for k, c in changed.items())
+    return np.array(shares), outside
+
+
+@pytest.mark.slow
+def test_backbone_changes_only_inside_the_mask_about_k_times_keep_prob_per_step(tiny_model, stream):
+    model, _ = tiny_model
+    k, keep = 0.05, 0.1
+    method = MIST(inner=SeqLoRA(dropout=0.0), fraction=k, keep_prob=keep)
+    steps = 8
+    # Plain SGD: an entry moves only on a step that kept its gradient.
+    history, masks = _train(model, stream, method, optax.sgd(1e-2), steps)
+    shares, outside = _changed_per_step(history, masks)
+    assert not outside
+    tolerance = 0.003  # ~3.5 standard deviations of a Binomial(922, 0.1) count over 18432 entries
+    assert np.all(shares <= k * keep + tolerance), shares
+    assert np.all(shares > 0), shares
+    # Momentum and Adam carry earlier gradients: more entries move per step, still only inside the mask.
+    for tx in (optax.sgd(1e-2, momentum=0.9), optax.adamw(1e-2, weight_decay=0.0)):
+        history, masks = _train(model, stream, method, tx, steps)
+        stateful, outside = _changed_per_step(history, masks)
+        assert not outside
+        assert np.all(stateful <= k) and stateful[-1] > k * keep + tolerance, stateful
+
+
+def test_build_wraps_any_method_and_checks_mist_options():
+    method, replay = methods.build("mist+olora", {"mist_fraction": 0.1, "mist_keep_prob": 0.2, "lambda1": 0.3})
+    assert isinstance(method, MIST) and replay is None
+    assert (method.fraction, method.keep_prob, method.inner.name, method.inner.lambda1) == (0.1, 0.2, "olora", 0.3)
+    routed, _ = methods.build("mist+any_ssr", {})
+    assert type(routed).route is not methods.Method.route
+    assert type(method).route is methods.Method.route  # O-LoRA does not route, so neither does its MIST
+    assert methods.build("mist+mtl", {})[0].joint
+    for bad in ({"mist_fraction": "many"}, {"mist_inner": "x"}, {"mist_fraction": 1.5}):
+        with pytest.raises(methods.MethodError, match="mist"):
+            methods.build("mist+seq_lora", bad)
+
+
+@pytest.mark.slow
+def test_full_run_reports_mask_overlap_and_freezes_unselected_entries(tmp_path, stream_root, tiny_model):
+    model, tok = tiny_model
+    initial = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model))["layers"])
+    cfg = jconfig.from_dict(tiny_config(stream_root, method="mist+olora",
+                                        method_args={"mist_fraction": 0.1, "dropout": 0.0}))
+    results = run(cfg, str(tmp_path), progress=False, model_and_tokenizer=(model, tok))
+    report = results["method_report"]["mist"]
+    overlap = np.array(report["mask_overlap"])
+    assert overlap.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(overlap), 1.0)
+    assert np.all(overlap[np.triu_indices(3, 1)] == 0) and np.all((overlap >= 0) & (overlap <= 1))
+    np.testing.assert_allclose(report["mask_share_per_task"], 0.1, atol=1e-3)
+    ckpt = Checkpointer(str(tmp_path))
+    step, _ = ckpt.latest()
+    final_base = ckpt.restore(step, "params")["base"]["layers"]
+    selected = ckpt.restore(step, "fixed")["mist"]["selected"]
+    ckpt.close()
+    # the overlap matrix is what the stored masks say
+    masks = [{s: np.asarray(current_mask(jnp.asarray(b), jnp.int32(t))) for s, b in selected.items()} for t in range(3)]
+    for t in range(3):
+        for s in range(t + 1):
+            share = sum(int((masks[t][x] & masks[s][x]).sum()) for x in masks[t]) / sum(int(m.sum()) for m in masks[t].values())
+            assert abs(overlap[t, s] - share) < 1e-5
+    # backbone entries no task selected are bit-identical; some selected ones moved
+    moved = 0
+    for site, bits in selected.items():
+        name = site_path(site).split("/")[1]
+        union = np.asarray(bits) != 0
+        np.testing.assert_array_equal(np.asarray(final_base[name])[~union], initial[name][~union], err_msg=site)
+        moved += int((np.asarray(final_base[name]) != initial[name]).sum())
+    assert moved > 0
