@@ -56,8 +56,8 @@ def train_buckets(spec: BatchSpec) -> tuple[int, ...]:
     return bucket_lengths(limit, spec.bucket_multiple)
 
 
-def _pad(rows: Sequence[np.ndarray], length: int, pad_id: int, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Stacks 1-D rows into ``(ids [B, length], mask [B, length])``."""
+def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Stacks 1-D rows into int32 ``(ids [B, length], mask [B, length])``, padded on the right or left."""
     ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
     for b, row in enumerate(rows):
@@ -73,9 +73,9 @@ def collate_train(rows: Sequence[TokenizedExample], real: np.ndarray, spec: Batc
     if spec.kind == "decoder":
         seqs = [np.concatenate([r.prompt, r.answer]) for r in rows]
         length = bucket_for(max(len(s) for s in seqs), train_buckets(spec))
-        input_ids, attention_mask = _pad(seqs, length, spec.pad_id)
+        input_ids, attention_mask = pad_rows(seqs, length, spec.pad_id)
         answer_flags = [np.repeat(np.int32([0, 1]), [len(r.prompt), len(r.answer)]) for r in rows]
-        loss_mask = _pad(answer_flags, length, 0)[0].astype(np.float32) * weight
+        loss_mask = pad_rows(answer_flags, length, 0)[0].astype(np.float32) * weight
         position_ids = np.broadcast_to(np.arange(length, dtype=np.int32), (len(rows), length)).copy()
         return {
             "input_ids": input_ids,
@@ -85,8 +85,8 @@ def collate_train(rows: Sequence[TokenizedExample], real: np.ndarray, spec: Batc
         }
     source_len = bucket_for(max(len(r.prompt) for r in rows), train_buckets(spec))
     target_len = bucket_for(max(len(r.answer) for r in rows), bucket_lengths(spec.max_answer_len, spec.bucket_multiple))
-    input_ids, attention_mask = _pad([r.prompt for r in rows], source_len, spec.pad_id)
-    labels, decoder_mask = _pad([r.answer for r in rows], target_len, spec.pad_id)
+    input_ids, attention_mask = pad_rows([r.prompt for r in rows], source_len, spec.pad_id)
+    labels, decoder_mask = pad_rows([r.answer for r in rows], target_len, spec.pad_id)
     start = np.full((len(rows), 1), spec.decoder_start_id, np.int32)
     decoder_input_ids = np.concatenate([start, labels[:, :-1]], axis=1)
     return {
@@ -103,7 +103,7 @@ def collate_eval(rows: Sequence[TokenizedExample], spec: BatchSpec) -> dict[str,
     """A generation batch of prompts: left-padded for decoder-only, right-padded for seq2seq."""
     length = bucket_for(max(len(r.prompt) for r in rows), bucket_lengths(spec.max_prompt_len, spec.bucket_multiple))
     left = spec.kind == "decoder"
-    input_ids, attention_mask = _pad([r.prompt for r in rows], length, spec.pad_id, left=left)
+    input_ids, attention_mask = pad_rows([r.prompt for r in rows], length, spec.pad_id, left=left)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if left:
         batch["position_ids"] = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int32)

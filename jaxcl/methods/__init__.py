@@ -22,8 +22,9 @@ from jaxcl.methods.replay import ReplayConfig
 from jaxcl.methods.sapt import SAPT
 from jaxcl.methods.seq_ft import SeqFT
 from jaxcl.methods.seq_lora import SeqLoRA
+from jaxcl.methods.smat import SMAT
 
-REGISTRY = {m.name: m for m in (SeqFT, SeqLoRA, IncLoRA, OLoRA, MTL, PerTask, AnySSR, OAAdapter, SAPT)}
+REGISTRY = {m.name: m for m in (SeqFT, SeqLoRA, IncLoRA, OLoRA, MTL, PerTask, AnySSR, OAAdapter, SAPT, SMAT)}
 
 
 class MethodError(ValueError):
@@ -33,6 +34,8 @@ class MethodError(ValueError):
 def build(name: str, args: Optional[dict] = None) -> tuple[Method, Optional[ReplayConfig]]:
     args = dict(args or {})
     replay = None
+    if getattr(REGISTRY.get(name), "episodic", False):
+        name = "replay+" + name  # trains over the tasks seen so far (SMAT): replay is part of the method
     if name == "replay" or name.startswith("replay+"):
         name = name.partition("+")[2] or "seq_lora"
         replay_args = {k[len("replay_"):]: args.pop(k) for k in list(args) if k.startswith("replay_")}
@@ -86,4 +89,4 @@ def _typed(value, tp, where: str):
 
 
 __all__ = ["Method", "TaskInfo", "LoRABank", "SeqFT", "SeqLoRA", "IncLoRA", "OLoRA", "MTL", "PerTask",
-           "MIST", "ReplayConfig", "REGISTRY", "build", "MethodError"]
+           "MIST", "SMAT", "ReplayConfig", "REGISTRY", "build", "MethodError"]

@@ -122,15 +122,23 @@ def _masked_mean(h: jax.Array, mask: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1).astype(jnp.float32)
 
 
+def prompt_mean(model, input_ids: jax.Array, prompt_mask: jax.Array) -> jax.Array:
+    """``(B, d)`` float32 mean of the final hidden states (T5: encoder outputs) over the tokens marked by
+    ``prompt_mask`` (bool, (B, S)); the other tokens are hidden from attention too."""
+    attention = prompt_mask.astype(jnp.int32)
+    states = model.encode(input_ids, attention) if model.is_encoder_decoder else model.hidden(input_ids, attention)
+    return _masked_mean(states, prompt_mask)
+
+
 def pooled_features(model, input_ids: jax.Array, prompt_mask: jax.Array) -> jax.Array:
     """``(B, F)`` features of the prompt tokens marked by ``prompt_mask`` (bool, (B, S)).
 
-    Decoder-only: the mean of the final hidden states over those tokens (F = d). T5: that mean over
-    the encoder output, concatenated with the decoder's hidden state at its start token (F = 2d).
+    Decoder-only: ``prompt_mean`` (F = d). T5: the mean over the encoder output, concatenated with the
+    decoder's hidden state at its start token (F = 2d), so that decoder weights influence it too.
     """
-    attention = prompt_mask.astype(jnp.int32)
     if not model.is_encoder_decoder:
-        return _masked_mean(model.hidden(input_ids, attention), prompt_mask)
+        return prompt_mean(model, input_ids, prompt_mask)
+    attention = prompt_mask.astype(jnp.int32)
     encoded = model.encode(input_ids, attention)
     start = jnp.full((input_ids.shape[0], 1), model.config.decoder_start_token_id, jnp.int32)
     first = model.decode_hidden(start, encoded, attention)[:, 0].astype(jnp.float32)

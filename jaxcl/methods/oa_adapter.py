@@ -2,7 +2,7 @@
 
 Per task t, site and layer a bottleneck adapter adds
 
-  Δy = W2_t diag(γ_t) W1_t x,   γ_t = sign(g_t) · max(|g_t| − τ_t, 0)
+  Δy = s · W2_t diag(γ_t) W1_t x,   γ_t = sign(g_t) · max(|g_t| − τ_t, 0)
 
 with W1_t ``(r_max, d_in)``, W2_t ``(d_out, r_max)``, a trainable gate vector g_t ``(r_max,)`` and a
 trainable threshold τ_t. The soft threshold switches bottleneck dimensions off (exact zeros) and back
@@ -19,17 +19,22 @@ the past active columns after every optimizer update (jaxcl's own option, like O
 The paper gives no public code; the choices below are jaxcl's (dataclass fields, documented):
   - ``r_max=8``: the allocation equals O-LoRA's r=8 LoRA on the same sites, so "parameters used"
     (Σ r_eff·(d_in + d_out)) compares directly with O-LoRA's count.
-  - Placement ``sites=("attn.q", "attn.v")`` like O-LoRA (T5: name the encoder/decoder sites).
+  - Placement ``sites=("attn.q", "attn.v")`` like O-LoRA: site-name suffixes (``select_sites``), so
+    on T5 they pick q and v of the encoder self-, decoder self- and decoder cross-attention.
+  - ``scale`` s = 4 is O-LoRA's α/r = 32/8 (the paper's formula has no scale; it only fixes units):
+    with every gate at 1 the adapter is exactly an r_max LoRA as O-LoRA trains it.
   - Initialisation: W1 like LoRA's ``a`` (Kaiming-uniform), W2 = 0 so a new adapter starts as the
     identity on the model's function; g = ``g_init`` = 1 for every dimension and τ = ``tau_init`` = 0,
     so training starts with all r_max dimensions on at unit gain.
   - τ is one scalar per (task, site, layer): the budget of a site-layer moves as one, and a
     dimension switched off (no gradient through the flat part of the threshold) can come back on
     when τ falls below its |g|.
-  - ``gate_lr_multiplier=10``: g and τ are stored divided by this factor and multiplied back in
+  - ``gate_lr_multiplier=20``: g and τ are stored divided by this factor and multiplied back in
     the forward pass. Adam's step does not depend on the gradient's scale, so this reparametrisation
-    is what makes the gate move that many times faster than W1/W2 — budgets can change within the
-    few hundred steps of one task (with SGD the effective rate is multiplied by its square).
+    is what makes the gate move that many times faster than W1/W2 (with SGD the effective rate is
+    multiplied by its square). A dimension needs ``(g_init − tau_init) / (2 · multiplier · lr)``
+    steps of steady pressure to switch off: 25 at lr 1e-3, so budgets can change within one task
+    even on short streams.
   - ``l1`` acts on γ (what the forward pass uses): on an active dimension it is ``|g| − τ``, so it
     pushes the threshold up and the gains down; dimensions survive where the task's loss pays for
     them. ``l1=0`` leaves budgets to the task loss alone.
@@ -53,6 +58,7 @@ import numpy as np
 from jaxcl.kernels import lora as lora_kernel
 from jaxcl.kernels import orthogonal
 from jaxcl.methods.base import Method, TaskInfo
+from jaxcl.methods.lora_bank import select_sites
 from jaxcl.models.sites import Adapter, SiteHook
 
 
@@ -88,12 +94,13 @@ def past_active_columns(past: dict) -> jax.Array:
 class OAAdapter(Method):
     """Attributes: see the module docstring for the reasoning behind each default.
 
-    sites: site names to adapt.
+    sites: site-name suffixes to adapt (see ``lora_bank.select_sites``).
     r_max: allocated bottleneck width per task, site and layer.
     dropout: dropout rate on the adapter input (training only).
     lambda_orth: weight of the orthogonality penalty.
     l1: weight of the L1 penalty on the current task's gates γ.
     g_init, tau_init: initial gate value (every dimension) and threshold.
+    scale: output scale s of the adapter (O-LoRA's α/r).
     gate_lr_multiplier: how much faster (under Adam) g and τ train than W1 and W2.
     hard_projection: keep W2_t exactly orthogonal to past active columns after every update.
     """
@@ -106,7 +113,8 @@ class OAAdapter(Method):
     l1: float = 1e-3
     g_init: float = 1.0
     tau_init: float = 0.0
-    gate_lr_multiplier: float = 10.0
+    scale: float = 4.0
+    gate_lr_multiplier: float = 20.0
     hard_projection: bool = False
 
     def __post_init__(self):
@@ -120,11 +128,9 @@ class OAAdapter(Method):
     # -- state -----------------------------------------------------------------------------------
     def fresh(self, key: jax.Array, site_shapes: dict) -> dict:
         """New adapters for the task about to train: ``{site: {"w1", "w2", "g", "tau"}}``."""
-        missing = [s for s in self.sites if s not in site_shapes]
-        if missing:
-            raise ValueError(f"method sites {missing} do not exist in this model; it has {sorted(site_shapes)}")
+        sites = select_sites(site_shapes, self.sites)
         out = {}
-        for site, k in zip(self.sites, jax.random.split(key, len(self.sites))):
+        for site, k in zip(sites, jax.random.split(key, len(sites))):
             num_layers, d_in, d_out = site_shapes[site]
             pair = jax.vmap(lambda kk: lora_kernel.init(kk, d_in, d_out, self.r_max))(jax.random.split(k, num_layers))
             out[site] = {"w1": pair["a"], "w2": pair["b"],
@@ -196,8 +202,9 @@ class OAAdapter(Method):
 
     def adapter(self, state, ctx, key=None):
         params = {}
-        keys = None if key is None or self.dropout == 0 else jax.random.split(key, len(self.sites))
-        for i, site in enumerate(self.sites):
+        sites = sorted(state["train"]["adapter"])
+        keys = None if key is None or self.dropout == 0 else jax.random.split(key, len(sites))
+        for i, site in enumerate(sites):
             cur = state["train"]["adapter"][site]
             p = {"w1": cur["w1"], "w2": cur["w2"], "gamma": self.gates(cur), "past": state["fixed"]["past"][site]}
             if keys is not None:
@@ -214,7 +221,8 @@ class OAAdapter(Method):
         out = h @ p["w2"].astype(x.dtype).T
         past = p["past"]
         h_past = jnp.einsum("...d,trd->...tr", x, past["w1"].astype(x.dtype)) * past["gamma"].astype(x.dtype)
-        return out + jnp.einsum("...tr,tor->...o", h_past, past["w2"].astype(x.dtype))
+        out = out + jnp.einsum("...tr,tor->...o", h_past, past["w2"].astype(x.dtype))
+        return out * jnp.asarray(self.scale, x.dtype)
 
     # -- results ---------------------------------------------------------------------------------
     def report(self, state):

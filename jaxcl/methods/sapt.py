@@ -266,11 +266,12 @@ class SAPT(LoRABank):
         if task.batches is None:
             raise ValueError("sapt needs TaskInfo.batches (ARM stores each task's mean attention)")
         mean_attention, prompts = self._scan_task(state, task.batches())
-        pooled = self._pseudo_inputs(state, task, prompts)
-        n = pooled.shape[0]
-        fixed = dict(fixed, targets=fixed["targets"].at[c].set(mean_attention),
-                     pseudo=fixed["pseudo"].at[c, :n].set(pooled),
-                     pseudo_valid=fixed["pseudo_valid"].at[c].set((jnp.arange(self.pseudo_capacity) < n).astype(jnp.float32)))
+        fixed = dict(fixed, targets=fixed["targets"].at[c].set(mean_attention))
+        if c + 1 < task.num_tasks:  # no later task reflects on the last one: it needs no pseudo-inputs
+            pooled = self._pseudo_inputs(state, task, prompts)
+            n = pooled.shape[0]
+            valid = (jnp.arange(self.pseudo_capacity) < n).astype(jnp.float32)
+            fixed = dict(fixed, pseudo=fixed["pseudo"].at[c, :n].set(pooled), pseudo_valid=fixed["pseudo_valid"].at[c].set(valid))
         return {"train": train, "fixed": fixed}
 
     # -- attention -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxcl.data.batching import pad_rows
 from jaxcl.models import sites
 
 LENGTH_BUCKET = 16
@@ -56,7 +57,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 50,
     for lo in range(0, len(prompts), batch):
         rows = encoded[lo:lo + batch]
         rows = rows + [rows[-1]] * (batch - len(rows))
-        ids, mask = _pad(rows, length, pad_id, left=not model.is_encoder_decoder)
+        ids, mask = pad_rows(rows, length, pad_id, left=not model.is_encoder_decoder)
         ctx = None if adapter is None else _batch_slice(adapter.ctx, lo, batch, len(prompts))
         out = _generate_ids(graphdef, state, ids, mask, site_params, ctx, hook=hook,
                             max_new_tokens=max_new_tokens, eos_token_id=eos if len(eos) > 1 else eos[0])
@@ -77,17 +78,6 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
     if not ids:
         raise ValueError("neither the tokenizer nor the model config defines an eos token id")
     return tuple(ids)
-
-
-def _pad(rows: list[list[int]], length: int, pad_id: int, *, left: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(B, length)`` int32 ids and mask, each row padded on the left or right."""
-    ids = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for r, row in enumerate(rows):
-        cols = slice(length - len(row), length) if left else slice(0, len(row))
-        ids[r, cols] = row
-        mask[r, cols] = 1
-    return ids, mask
 
 
 def _batch_slice(ctx: Any, lo: int, batch: int, total: int) -> Any:

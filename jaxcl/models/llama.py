@@ -18,6 +18,7 @@ Layout choices:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -256,16 +257,27 @@ class Llama(nnx.Module):
       config: the architecture.
       rngs: randomness for the random init (normal with std ``config.initializer_range``).
       dtype: weight and activation dtype (float32 or bfloat16).
-      remat: recompute each layer in the backward pass (``jax.checkpoint`` of the scanned body,
-        nothing saved); a plain attribute, so ``model.remat = True`` also works after loading.
+      remat: recompute each layer in the backward pass (``jax.checkpoint`` of the scanned body):
+        True saves nothing; the name of a ``jax.checkpoint_policies`` policy (e.g.
+        ``"dots_with_no_batch_dims_saveable"``) saves what it allows. A plain attribute, so
+        ``model.remat = True`` also works after loading.
+      attention: None (default) computes attention with an explicit boolean mask (any padding).
+        ``"cudnn"`` (GPU, bfloat16: cuDNN flash attention) or ``"xla"`` instead run the uncached
+        forward (``hidden``/``__call__``) as causal attention over each row's length, with the rows
+        rotated so that their tokens come first: this needs each row's tokens to be one contiguous
+        run (left or right padding, as jaxcl's batches are). Outputs at padding positions then
+        differ (nothing reads them). Decoding with a KV cache always uses the mask. Also a plain
+        attribute.
     """
 
     is_encoder_decoder = False
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: Union[bool, str] = False,
+                 attention: Optional[str] = None):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.remat = remat
+        self.attention = attention
         init = nnx.initializers.normal(config.initializer_range)
         d, vocab = config.hidden_size, config.vocab_size
         self.embed = nnx.Param(init(rngs.params(), (vocab, d), dtype))
@@ -290,10 +302,21 @@ class Llama(nnx.Module):
                final_norm: bool = True) -> Array:
         """Hidden states ``(B, S, d)`` after the first ``num_layers`` layers (all by default)."""
         mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        seq = jnp.arange(input_ids.shape[1])
+        if self.attention is None:
+            attend = functools.partial(jax.nn.dot_product_attention, mask=_attention_mask(seq, mask))
+        else:  # rotate each row's tokens to the front: causal attention over lengths
+            first = jnp.argmax(mask, axis=-1)[:, None]
+            order = (seq + first) % seq.shape[0]
+            input_ids, mask = jnp.take_along_axis(input_ids, order, 1), jnp.take_along_axis(mask, order, 1)
+            lengths = jnp.maximum(jnp.sum(mask, axis=-1, dtype=jnp.int32), 1)
+            attend = functools.partial(jax.nn.dot_product_attention, is_causal=True, key_value_seq_lengths=lengths,
+                                       implementation=self.attention)
         cos, sin = _rope_tables(rope_inv_freq(self.config), positions_from_mask(mask), self.dtype)
-        attn_mask = _attention_mask(jnp.arange(input_ids.shape[1]), mask)
         x = jnp.take(self.embed[...], input_ids, axis=0)
-        x, _ = self._layers(x, cos, sin, attn_mask, adapter, num_layers, cache=None, start=0)
+        x, _ = self._layers(x, cos, sin, attend, adapter, num_layers, cache=None, start=0)
+        if self.attention is not None:
+            x = jnp.take_along_axis(x, ((seq - first) % seq.shape[0])[..., None], axis=1)
         return self.final_norm(x) if final_norm else x
 
     def final_norm(self, h: Array) -> Array:
@@ -330,7 +353,8 @@ class Llama(nnx.Module):
         cos, sin = _rope_tables(rope_inv_freq(self.config), positions, self.dtype)
         attn_mask = _attention_mask(start + jnp.arange(input_ids.shape[1]), valid)
         x = jnp.take(self.embed[...], input_ids, axis=0)
-        x, cache = self._layers(x, cos, sin, attn_mask, adapter, None, cache=cache, start=start)
+        attend = functools.partial(jax.nn.dot_product_attention, mask=attn_mask)
+        x, cache = self._layers(x, cos, sin, attend, adapter, None, cache=cache, start=start)
         return self.logits(self.final_norm(x[:, -1])), cache
 
     def generate_ids(self, input_ids: Array, attention_mask: Array, *, max_new_tokens: int,
@@ -379,10 +403,11 @@ class Llama(nnx.Module):
 
     # ----------------------------------------------------------------- the layer stack
 
-    def _layers(self, x: Array, cos: Array, sin: Array, attn_mask: Array,
+    def _layers(self, x: Array, cos: Array, sin: Array, attend: Callable[[Array, Array, Array], Array],
                 adapter: Optional[sites.Adapter], num_layers: Optional[int], *,
                 cache: Optional[KVCache], start) -> tuple[Array, Optional[KVCache]]:
-        """Scan the (first ``num_layers``) decoder layers over ``x`` ``(B, S, d)``."""
+        """Scan the (first ``num_layers``) decoder layers over ``x`` ``(B, S, d)``;
+        ``attend(q, k, v)`` is the attention (with its mask or lengths bound)."""
         c = self.config
         weights = self.layers.stacked()
         site_params = sites.layer_params(adapter)
@@ -403,7 +428,7 @@ class Llama(nnx.Module):
                 cache = cache._replace(k=jax.lax.dynamic_update_slice(cache.k, k[None], at),
                                        v=jax.lax.dynamic_update_slice(cache.v, v[None], at))
                 k, v = cache.k[layer], cache.v[layer]
-            o = jax.nn.dot_product_attention(q, k, v, mask=attn_mask)
+            o = attend(q, k, v)
             x = x + sites.linear(adapter, "attn.o", sp, o.reshape(batch, seq, -1), w["o"])
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
             gated = jax.nn.silu(sites.linear(adapter, "mlp.gate", sp, h, w["gate"]))
@@ -412,7 +437,9 @@ class Llama(nnx.Module):
             return (x, cache), None
 
         if self.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+            policy = (jax.checkpoint_policies.nothing_saveable if self.remat is True
+                      else getattr(jax.checkpoint_policies, self.remat))
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         layer_ids = jnp.arange(weights["q"].shape[0], dtype=jnp.int32)
         (x, cache), _ = jax.lax.scan(body, (x, cache), (weights, site_params, layer_ids))
         return x, cache

@@ -87,14 +87,11 @@ def test_transform_grads_keeps_masked_entries_scaled_by_decay_per_earlier_task()
     np.testing.assert_allclose(dropped[kept], expected[kept], rtol=1e-6)
 
 
-def _train(model, stream, method, tx, steps):
-    """Sensitivity + masks for task 0, then ``steps`` engine train steps; site weights after each step."""
+def _train(model, stream, method, state, tx, steps):
+    """``steps`` engine train steps on task 0 from ``state``; the layer weights after each step."""
     rows, spec = stream
     graphdef, params = nnx.split(model)
-    base = nnx.to_pure_dict(params)
-    state = method.init(jax.random.PRNGKey(0), model.site_shapes(), 3)
-    state = method.begin_task(jax.random.PRNGKey(1), state, _info(model, stream, 0), model.site_shapes())
-    trained, frozen = jstep.split_base(method, base)
+    trained, frozen = jstep.split_base(method, nnx.to_pure_dict(params))
     p = jax.tree.map(jnp.copy, {"method": state["train"], "base": trained})
     ts = jstep.TrainState(p, tx.init(p), jnp.int32(0))
     fn = jax.jit(functools.partial(jstep.train_step, graphdef=graphdef, method=method, tx=tx,
@@ -107,10 +104,7 @@ def _train(model, stream, method, tx, steps):
         b.pop("example_index")
         ts, _ = fn(ts, frozen, state["fixed"], {k: v[None] for k, v in b.items()}, jax.random.PRNGKey(100 + s))
         history.append(jax.tree.map(np.array, ts.params["base"]["layers"]))
-    mist = state["fixed"]["mist"]
-    masks = {site_path(site).split("/")[1]: np.asarray(current_mask(mist["selected"][site], mist["task"]))
-             for site in method.sites}
-    return history, masks
+    return history
 
 
 def _changed_per_step(history, masks):
@@ -130,19 +124,25 @@ def test_backbone_changes_only_inside_the_mask_about_k_times_keep_prob_per_step(
     k, keep = 0.05, 0.1
     method = MIST(inner=SeqLoRA(dropout=0.0), fraction=k, keep_prob=keep)
     steps = 8
+    state = method.init(jax.random.PRNGKey(0), model.site_shapes(), 3)
+    state = method.begin_task(jax.random.PRNGKey(1), state, _info(model, stream, 0), model.site_shapes())
+    mist = state["fixed"]["mist"]
+    masks = {site_path(site).split("/")[1]: np.asarray(current_mask(mist["selected"][site], mist["task"]))
+             for site in method.sites}
     # Plain SGD: an entry moves only on a step that kept its gradient.
-    history, masks = _train(model, stream, method, optax.sgd(1e-2), steps)
-    shares, outside = _changed_per_step(history, masks)
+    shares, outside = _changed_per_step(_train(model, stream, method, state, optax.sgd(1e-2), steps), masks)
     assert not outside
     tolerance = 0.003  # ~3.5 standard deviations of a Binomial(922, 0.1) count over 18432 entries
     assert np.all(shares <= k * keep + tolerance), shares
     assert np.all(shares > 0), shares
-    # Momentum and Adam carry earlier gradients: more entries move per step, still only inside the mask.
-    for tx in (optax.sgd(1e-2, momentum=0.9), optax.adamw(1e-2, weight_decay=0.0)):
-        history, masks = _train(model, stream, method, tx, steps)
-        stateful, outside = _changed_per_step(history, masks)
-        assert not outside
-        assert np.all(stateful <= k) and stateful[-1] > k * keep + tolerance, stateful
+    print("share of site weights changed per step, plain SGD:", np.round(shares, 5))
+    # Momentum carries earlier gradients: more entries move per step, still only inside the mask (the
+    # full run below checks the same with AdamW).
+    stateful, outside = _changed_per_step(_train(model, stream, method, state, optax.sgd(1e-2, momentum=0.9), steps),
+                                          masks)
+    print("share changed per step, SGD with momentum 0.9:", np.round(stateful, 5))
+    assert not outside
+    assert np.all(stateful <= k) and stateful[-1] > k * keep + tolerance, stateful
 
 
 def test_build_wraps_any_method_and_checks_mist_options():

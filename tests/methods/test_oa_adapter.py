@@ -149,5 +149,5 @@ def test_full_run_keeps_past_adapters_bit_identical_and_reports_and_plots_budget
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="r_max"):
         OAAdapter(r_max=0)
-    with pytest.raises(ValueError, match="do not exist"):
+    with pytest.raises(ValueError, match="match no site"):
         OAAdapter(sites=("attn.k2",)).init(jax.random.PRNGKey(0), SHAPES, 2)

@@ -48,9 +48,11 @@ def _random_batch(rng, batch, length, vocab=VOCAB, train=True):
 
 
 # -- attention over seen tasks ----------------------------------------------------------------
+# Few distinct shapes: every new shape compiles the eager ops again.
 @settings(max_examples=12, deadline=None)
-@given(num_tasks=st.integers(1, 5), data=st.data(), batch=st.integers(1, 4), seed=st.integers(0, 10**6))
-def test_attention_sums_to_one_over_seen_tasks_and_is_zero_on_unseen(num_tasks, data, batch, seed):
+@given(num_tasks=st.sampled_from((1, 4)), data=st.data(), seed=st.integers(0, 10**6))
+def test_attention_sums_to_one_over_seen_tasks_and_is_zero_on_unseen(num_tasks, data, seed):
+    batch = 3
     current = data.draw(st.integers(0, num_tasks - 1))
     method = SAPT()
     state = _state_at(method, num_tasks, current, seed)
@@ -72,7 +74,7 @@ def test_attention_sums_to_one_over_seen_tasks_and_is_zero_on_unseen(num_tasks, 
 
 # -- pooling ----------------------------------------------------------------------------------
 @settings(max_examples=15, deadline=None)
-@given(batch=st.integers(1, 4), length=st.integers(2, 9), seed=st.integers(0, 10**6))
+@given(batch=st.sampled_from((1, 4)), length=st.sampled_from((2, 9)), seed=st.integers(0, 10**6))
 def test_max_pool_ignores_padding_and_answer_tokens(batch, length, seed):
     rng = np.random.default_rng(seed)
     table = jnp.asarray(rng.standard_normal((VOCAB, 8)), jnp.float32)
@@ -119,10 +121,10 @@ def test_common_prefix_is_the_longest_shared_prefix(prefix, tails):
 
 
 # -- mixing -----------------------------------------------------------------------------------
-@settings(max_examples=10, deadline=None)
-@given(num_tasks=st.integers(2, 4), data=st.data(), seed=st.integers(0, 10**6))
-def test_each_site_adds_the_attention_weighted_sum_of_task_loras(num_tasks, data, seed):
-    current = data.draw(st.integers(1, num_tasks - 1))
+@settings(max_examples=8, deadline=None)
+@given(current=st.integers(1, 3), seed=st.integers(0, 10**6))
+def test_each_site_adds_the_attention_weighted_sum_of_task_loras(current, seed):
+    num_tasks = 4
     method = SAPT()
     state = _state_at(method, num_tasks, current, seed)
     key = jax.random.PRNGKey(seed + 7)
@@ -131,7 +133,8 @@ def test_each_site_adds_the_attention_weighted_sum_of_task_loras(num_tasks, data
     past = jax.tree.unflatten(tree, [rand(jax.random.fold_in(key, i), x) for i, x in enumerate(leaves)])
     leaves, tree = jax.tree.flatten(state["train"]["lora"])
     cur = jax.tree.unflatten(tree, [rand(jax.random.fold_in(key, 100 + i), x) for i, x in enumerate(leaves)])
-    past = jax.tree.map(lambda p: p.at[:, current:].set(0.0), past)  # slots of this and later tasks are empty
+    empty = (jnp.arange(num_tasks) >= current)[:, None, None]  # slots of this and later tasks are empty
+    past = jax.tree.map(lambda p: jnp.where(empty, 0.0, p), past)
     state = {"train": dict(state["train"], lora=cur), "fixed": dict(state["fixed"], past=past)}
 
     batch = _random_batch(np.random.default_rng(seed), 3, 6)
@@ -225,7 +228,8 @@ def _loss_grads(method, model, state):
     def reflection(train):
         return method.extra_loss({"train": train, "fixed": state["fixed"]}, base)
 
-    return jax.grad(ce)(state["train"]), jax.grad(reflection)(state["train"]), reflection(state["train"])
+    grads = jax.jit(lambda train: (jax.grad(ce)(train), jax.grad(reflection)(train), reflection(train)))
+    return grads(state["train"])
 
 
 def _norm(tree):
@@ -319,7 +323,7 @@ def test_t5_sites_share_one_attention_and_generate_pseudo_inputs():
         nll, n = jstep.answer_nll(jstep.bind(graphdef, base), batch, adapter, max_targets=2)
         return nll / n
 
-    grads = jax.grad(ce)(state["train"])
+    grads = jax.jit(jax.grad(ce))(state["train"])
     assert _norm(grads["query"]) > 0
     for site in T5_SITES:  # encoder and decoder sites all see the adapter
         assert _norm(grads["lora"][site]) > 0

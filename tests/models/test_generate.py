@@ -13,7 +13,7 @@ from flax import nnx
 from transformers import T5Config, T5ForConditionalGeneration
 
 from jaxcl.models import Adapter, Llama, SiteHook, generate, load_model
-from jaxcl.models.generate import _pad
+from jaxcl.data.batching import pad_rows
 
 NEVER = 64  # an id outside the tiny vocabulary: argmax never produces it
 
@@ -181,10 +181,10 @@ def test_generate_encoder_decoder_matches_transformers(tmp_path, save_tiny_token
 
 
 def test_pad_sides():
-    ids, mask = _pad([[5, 6], [7]], 4, 0, left=True)
+    ids, mask = pad_rows([[5, 6], [7]], 4, 0, left=True)
     np.testing.assert_array_equal(ids, [[0, 0, 5, 6], [0, 0, 0, 7]])
     np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1]])
-    ids, mask = _pad([[5, 6], [7]], 4, 0, left=False)
+    ids, mask = pad_rows([[5, 6], [7]], 4, 0, left=False)
     np.testing.assert_array_equal(ids, [[5, 6, 0, 0], [7, 0, 0, 0]])
     np.testing.assert_array_equal(mask, [[1, 1, 0, 0], [1, 0, 0, 0]])
 

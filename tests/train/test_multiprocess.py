@@ -1,0 +1,112 @@
+"""The multi-host path, exercised: two processes on this machine join one JAX run through a localhost
+coordinator (``jaxcl.train.sharding.initialize_distributed``, CPU collectives over gloo), place the
+weights across both on an fsdp x tensor mesh, feed host-local batch rows, and take train steps whose
+losses match a single-process run.
+
+This file is also the worker's script (``python test_multiprocess.py OUT``, configured by the
+environment that ``initialize_distributed`` reads).
+"""
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxcl.methods.seq_lora import SeqLoRA
+from jaxcl.train import config as jconfig
+from jaxcl.train import optim, sharding
+from jaxcl.train import step as jstep
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+STEPS, BATCH, LENGTH, VOCAB = 3, 8, 16, 64
+
+
+def _batch(step: int) -> dict:
+    """A right-padded decoder batch ``(grad_accum=1, B, S)``; the last 4 real tokens are the answer."""
+    rng = np.random.default_rng(step)
+    lengths = rng.integers(LENGTH // 2, LENGTH + 1, BATCH)
+    real = np.arange(LENGTH)[None] < lengths[:, None]
+    ids = np.where(real, rng.integers(4, VOCAB, (BATCH, LENGTH)), 0).astype(np.int32)
+    answer = real & (np.arange(LENGTH)[None] >= lengths[:, None] - 4)
+    batch = {"input_ids": ids, "attention_mask": real.astype(np.int32), "loss_mask": answer.astype(np.float32),
+             "task_ids": np.zeros(BATCH, np.int32)}
+    return {k: v[None] for k, v in batch.items()}
+
+
+def train_losses(mesh) -> tuple[list[float], jax.Array]:
+    """Losses of ``STEPS`` SeqLoRA steps of the tiny Llama on ``mesh``, and the placed q weight."""
+    from tiny_cl import tiny_llama
+
+    graphdef, state = nnx.split(tiny_llama(VOCAB))
+    trained, frozen = jstep.split_base(SeqLoRA(), nnx.to_pure_dict(state))
+    method = SeqLoRA()
+    mstate = method.init(jax.random.PRNGKey(1), {"attn.q": (2, 32, 32), "attn.v": (2, 32, 16)}, 1)
+    tx = optim.optimizer(jconfig.TrainConfig(lr=1e-2), STEPS)
+    params = {"method": mstate["train"], "base": trained}
+    tstate = sharding.place(mesh, jstep.TrainState(params, tx.init(params), jnp.int32(0)))
+    frozen, fixed = sharding.place(mesh, frozen), sharding.place(mesh, mstate["fixed"])
+    step = jax.jit(functools.partial(jstep.train_step, graphdef=graphdef, method=method, tx=tx, max_targets=4),
+                   donate_argnums=(0,))
+    losses = []
+    for s in range(STEPS):
+        key = sharding.place(mesh, jax.random.PRNGKey(100 + s))
+        tstate, metrics = step(tstate, frozen, fixed, sharding.shard_batch(mesh, _batch(s), batch_axis=1), key)
+        losses.append(float(metrics["loss"]))
+    return losses, frozen["layers"]["q"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    mesh = sharding.make_mesh(jconfig.MeshConfig(data=1), jax.devices()[:1])
+    expected, _ = train_losses(mesh)
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAXCL_NUM_PROCESSES="2", JAXCL_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, __file__], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+            outputs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert sorted(o["process"] for o in outputs) == [0, 1]
+    for o in outputs:
+        assert o["processes"] == 2 and o["devices"] == 4 and o["local_devices"] == 2
+        # q (L, d, H*hd) = (2, 32, 32) split over fsdp = 2 (across the processes) and tensor = 2
+        assert o["q_shard"] == [2, 16, 16]
+        np.testing.assert_allclose(o["losses"], expected, atol=1e-4, rtol=0)
+
+
+def _worker() -> None:
+    assert sharding.initialize_distributed()
+    mesh = sharding.make_mesh(jconfig.MeshConfig(data=1, fsdp=2, tensor=2))
+    losses, q = train_losses(mesh)
+    print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                      "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+                      "q_shard": list(q.addressable_shards[0].data.shape), "losses": losses}))
+
+
+if __name__ == "__main__":
+    _worker()
