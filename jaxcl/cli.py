@@ -16,16 +16,16 @@ DEMO_METHODS = ("olora", "seq_lora")
 def demo_config(method: str, accelerator: bool) -> dict:
     """The offline demo: SmolLM2-135M-Instruct (bundled GGUF) on the bundled WordNet stream.
 
-    Sized for about 20 minutes for both methods on a 2-core CPU: short prompts, 1-3 token
-    answers, a few hundred optimizer steps in total, 60 test examples per task. On an accelerator
+    Sized for well under 20 minutes for both methods on a 2-core CPU: short prompts, 1-3 token
+    answers, 40 optimizer steps of 8 examples per task, 50 test examples per task. On an accelerator
     the same command trains for a full epoch with larger batches and tests on every example.
     """
     if accelerator:
         train = {"epochs": 2.0, "batch_size": 16, "lr": 1e-3}
         evaluation = {"max_test_per_task": None, "max_new_tokens": 8, "batch_size": 64}
     else:
-        train = {"steps_per_task": 48, "batch_size": 8, "lr": 1e-3}
-        evaluation = {"max_test_per_task": 60, "max_new_tokens": 6, "batch_size": 60}
+        train = {"steps_per_task": 40, "batch_size": 8, "lr": 1e-3}
+        evaluation = {"max_test_per_task": 50, "max_new_tokens": 6, "batch_size": 50}
     return {
         "method": method, "model": "default", "dtype": "float32",
         "data": {"source": "bundled", "order": "wordnet", "max_prompt_tokens": 64, "max_answer_tokens": 8},

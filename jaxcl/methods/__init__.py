@@ -89,4 +89,4 @@ def _typed(value, tp, where: str):
 
 
 __all__ = ["Method", "TaskInfo", "LoRABank", "SeqFT", "SeqLoRA", "IncLoRA", "OLoRA", "MTL", "PerTask",
-           "MIST", "SMAT", "ReplayConfig", "REGISTRY", "build", "MethodError"]
+           "AnySSR", "OAAdapter", "SAPT", "MIST", "SMAT", "ReplayConfig", "REGISTRY", "build", "MethodError"]

@@ -60,8 +60,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +73,7 @@ T5_SITES = tuple(f"{block}.{proj}" for block in ("encoder.self_attn", "decoder.s
                  for proj in ("q", "v"))
 PSEUDO_SOURCES = ("generated", "real")
 _PREFIX_BUCKET = 16  # the sampler compiles once per bucket of header lengths, not per length
+_QUERY_INPUTS = ("input_ids", "attention_mask", "loss_mask", "decoder_input_ids")  # what input_mask reads
 
 
 # -- pure pieces --------------------------------------------------------------------------------
@@ -236,7 +235,8 @@ class SAPT(LoRABank):
         state = super().init(k_lora, site_shapes, num_tasks)
         widths = {site_shapes[s][1] for s in self.sites}
         if len(widths) != 1:
-            raise ValueError(f"sapt: the sites {self.sites} must all read the model width; input widths {sorted(widths)}")
+            raise ValueError(f"sapt: the sites {self.sites} must all read the model width; "
+                             f"their input widths are {sorted(widths)}")
         d = widths.pop()
         keys = jax.vmap(lambda k: attention_select.task_key_init(k, d))(jax.random.split(k_keys, num_tasks))
         train = dict(state["train"], query=attention_select.query_init(k_query, d, self.bottleneck), key=keys[0])
@@ -271,7 +271,8 @@ class SAPT(LoRABank):
             pooled = self._pseudo_inputs(state, task, prompts)
             n = pooled.shape[0]
             valid = (jnp.arange(self.pseudo_capacity) < n).astype(jnp.float32)
-            fixed = dict(fixed, pseudo=fixed["pseudo"].at[c, :n].set(pooled), pseudo_valid=fixed["pseudo_valid"].at[c].set(valid))
+            fixed = dict(fixed, pseudo=fixed["pseudo"].at[c, :n].set(pooled),
+                         pseudo_valid=fixed["pseudo_valid"].at[c].set(valid))
         return {"train": train, "fixed": fixed}
 
     # -- attention -------------------------------------------------------------------------------
@@ -338,7 +339,7 @@ class SAPT(LoRABank):
         total, count, prompts = 0.0, 0, []
         for batch in batches:
             real = np.asarray(batch["real"], bool)
-            arrays = {k: jnp.asarray(v) for k, v in batch.items() if k in ("input_ids", "attention_mask", "loss_mask", "decoder_input_ids")}
+            arrays = {k: jnp.asarray(v) for k, v in batch.items() if k in _QUERY_INPUTS}
             a = attend(state, arrays)
             total = total + jnp.sum(jnp.where(jnp.asarray(real)[:, None], a, 0.0), axis=0)
             count += int(real.sum())

@@ -64,6 +64,7 @@ from flax import nnx
 
 from jaxcl.kernels import sparse_experts
 from jaxcl.methods.base import Method, TaskInfo
+from jaxcl.methods.lora_bank import select_sites
 from jaxcl.methods.mist import prompt_mean
 from jaxcl.models.sites import Adapter, SiteHook
 
@@ -100,7 +101,7 @@ class SMAT(Method):
     """Sparse interpolated experts with a task-embedding selector.
 
     Attributes:
-      sites: sites to adapt (T5 names them ``encoder.self_attn.q`` ...).
+      sites: site-name suffixes to adapt (``lora_bank.select_sites``; T5: e.g. ``attn.q``, ``mlp.wo``).
       first_layer: adapt the layers from ``round(first_layer · L)`` on (0.5: the upper half).
       num_experts: E.
       sparsity: target share of zeros per expert (as expected density 1 − sparsity).
@@ -148,26 +149,30 @@ class SMAT(Method):
 
     # -- state -----------------------------------------------------------------------------------
     def init(self, key, site_shapes, num_tasks):
-        missing = [s for s in self.sites if s not in site_shapes]
-        if missing:
-            raise ValueError(f"smat sites {missing} do not exist in this model; it has {sorted(site_shapes)}")
+        try:
+            sites = select_sites(site_shapes, self.sites)
+        except ValueError as e:
+            raise ValueError(f"smat: {e}") from None
         queries = [shape[1] for name, shape in site_shapes.items() if name.endswith(".q")]
         if not queries:
             raise ValueError(f"smat needs a model with an attention query site (*.q); it has {sorted(site_shapes)}")
         d = queries[0]
-        keys = jax.random.split(key, len(self.sites) + 2)
-        delta, log_alpha, layers = {}, {}, {}
-        for site, k in zip(self.sites, keys):
+        key_gates, key_selector = jax.random.split(key)
+        delta, shapes, layers = {}, {}, {}
+        for site in sites:
             num_layers, d_in, d_out = site_shapes[site]
             first = int(round(self.first_layer * num_layers))
-            adapted = num_layers - first
-            delta[site] = jnp.zeros((adapted, d_in, d_out), jnp.float32)
-            log_alpha[site] = sparse_experts.init_log_alpha(
-                k, (self.num_experts, adapted, d_in, d_out), self.log_alpha_std) / self.mask_lr_scale
+            delta[site] = jnp.zeros((num_layers - first, d_in, d_out), jnp.float32)
+            shapes[site] = (self.num_experts,) + delta[site].shape
             layers[site] = jnp.asarray(np.arange(num_layers) >= first, jnp.float32)
-        selector = {"w": jax.random.normal(keys[-2], (d, self.selector_dim), jnp.float32),
-                    "k": jax.random.normal(keys[-1], (self.selector_dim, self.num_experts), jnp.float32)
-                    / math.sqrt(self.selector_dim)}
+        # One draw cut into pieces: random-normal programs are slow to compile, one per shape.
+        sizes = [int(np.prod(shapes[s])) for s in sites]
+        flat = sparse_experts.init_log_alpha(key_gates, (sum(sizes),), self.log_alpha_std) / self.mask_lr_scale
+        log_alpha = {s: piece.reshape(shapes[s])
+                     for s, piece in zip(sites, jnp.split(flat, np.cumsum(sizes)[:-1]))}
+        h, e = self.selector_dim, self.num_experts
+        draw = jax.random.normal(key_selector, (d * h + h * e,), jnp.float32)
+        selector = {"w": draw[: d * h].reshape(d, h), "k": draw[d * h:].reshape(h, e) / math.sqrt(h)}
         # distinct buffers: the train step donates its state, and one buffer cannot be donated twice
         lagrange = {"linear": jnp.zeros((self.num_experts,), jnp.float32),
                     "quadratic": jnp.zeros((self.num_experts,), jnp.float32)}
@@ -231,8 +236,8 @@ class SMAT(Method):
     def expected_density(self, train: dict) -> jax.Array:
         """``(E,)`` expected share of non-zero gates per expert over all adapted entries."""
         nonzero = sum(jnp.sum(sparse_experts.expected_l0(self.log_alpha(train, s), self.beta, self.zeta, self.gamma),
-                              axis=(1, 2, 3)) for s in self.sites)
-        size = sum(np.prod(train["log_alpha"][s].shape[1:]) for s in self.sites)
+                              axis=(1, 2, 3)) for s in train["log_alpha"])
+        size = sum(np.prod(x.shape[1:]) for x in train["log_alpha"].values())
         return nonzero / size
 
     # -- protocol --------------------------------------------------------------------------------
@@ -251,12 +256,13 @@ class SMAT(Method):
 
     def adapter(self, state, ctx, key=None):
         train = state["train"]
-        keys = [None] * (len(self.sites) + 1) if key is None else list(jax.random.split(key, len(self.sites) + 1))
+        sites = list(train["delta"])
+        keys = [None] * (len(sites) + 1) if key is None else list(jax.random.split(key, len(sites) + 1))
         weights = self.expert_weights(train, ctx["features"], keys[-1])
         if key is None:
             weights = weights[0]  # evaluation batches hold one task
         params = {}
-        for site, k in zip(self.sites, keys):
+        for site, k in zip(sites, keys):
             mixed = sparse_experts.interpolate(self.gates(train, site, k), weights)
             if key is None:
                 delta = mixed * train["delta"][site]                          # (L_a, d_in, d_out)
@@ -290,12 +296,12 @@ class SMAT(Method):
 
     def report(self, state):
         train, fixed = state["train"], state["fixed"]
-        zeros = sum(jnp.sum(self.gates(train, s) == 0, axis=(1, 2, 3)) for s in self.sites)
-        size = sum(int(np.prod(train["log_alpha"][s].shape[1:])) for s in self.sites)
+        zeros = sum(jnp.sum(self.gates(train, s) == 0, axis=(1, 2, 3)) for s in train["log_alpha"])
+        size = sum(int(np.prod(x.shape[1:])) for x in train["log_alpha"].values())
         seen = np.flatnonzero(np.asarray(fixed["seen"]) > 0)
         selection = np.asarray(self.expert_weights(train, fixed["features"][seen])) if len(seen) else np.zeros((0,))
         return {
-            "sites": list(self.sites), "num_experts": self.num_experts, "entries_per_expert": size,
+            "sites": list(train["delta"]), "num_experts": self.num_experts, "entries_per_expert": size,
             "sparsity_per_expert": (np.asarray(zeros) / size).round(6).tolist(),
             "expected_density_per_expert": np.asarray(self.expected_density(train)).round(6).tolist(),
             "lagrange_linear": (np.asarray(train["lagrange"]["linear"]) * self.lagrangian_lr_scale).round(6).tolist(),

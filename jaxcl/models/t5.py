@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -194,9 +194,30 @@ def _heads(x: Array, num_heads: int) -> Array:
     return x.reshape(*x.shape[:-1], num_heads, -1)
 
 
-def _attend(q: Array, k: Array, v: Array, bias: Optional[Array], mask: Optional[Array]) -> Array:
+class _Lengths(NamedTuple):
+    """Keys given by their count per row (right padding), optionally causal, for
+    ``jax.nn.dot_product_attention(implementation=...)`` (``"cudnn"``: cuDNN flash attention)."""
+
+    lengths: Array  # (B,) int32
+    causal: bool
+    implementation: str
+
+
+def _lengths(attention_mask: Optional[Array], batch: int, seq: int, causal: bool, implementation: str) -> _Lengths:
+    count = (jnp.full((batch,), seq, jnp.int32) if attention_mask is None
+             else jnp.maximum(jnp.sum(attention_mask, axis=-1, dtype=jnp.int32), 1))
+    return _Lengths(count, causal, implementation)
+
+
+def _attend(q: Array, k: Array, v: Array, bias: Optional[Array], mask: Union[None, Array, _Lengths]) -> Array:
     """``q (B,T,N,H)``, ``k``/``v`` ``(B,S,N,H)`` -> ``(B,T,N*H)``; unscaled logits, as in T5."""
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0)
+    if isinstance(mask, _Lengths):
+        if bias is not None and mask.implementation == "cudnn":
+            bias = bias.astype(q.dtype)  # cuDNN takes the bias in the activation dtype
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, is_causal=mask.causal,
+                                           key_value_seq_lengths=mask.lengths, implementation=mask.implementation)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -263,10 +284,11 @@ def _decoder_layer(config: T5Config, lin: Linear, w: Mapping[str, Array], h: Arr
     return h, (k, v)
 
 
-def _scan_layers(body: Callable, h: Array, xs: Any, remat: bool):
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable,
-                              prevent_cse=False)
+def _scan_layers(body: Callable, h: Array, xs: Any, remat: Union[bool, str]):
+    if remat:  # True saves nothing; a string names a jax.checkpoint_policies policy
+        policy = (jax.checkpoint_policies.nothing_saveable if remat is True
+                  else getattr(jax.checkpoint_policies, remat))
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     return jax.lax.scan(body, h, xs)
 
 
@@ -393,14 +415,21 @@ class T5(nnx.Module):
         ``weights``.
       dtype: float32 or bfloat16 for weights and activations (norms and softmax accumulate in
         float32; logits are float32).
-      remat: rematerialise each scanned layer in the backward pass (saves activation memory).
+      remat: rematerialise each scanned layer in the backward pass (saves activation memory):
+        True saves nothing; the name of a ``jax.checkpoint_policies`` policy saves what it allows.
+      attention: None (default): attention with explicit boolean masks. ``"cudnn"`` (GPU,
+        bfloat16: cuDNN flash attention) or ``"xla"``: the teacher-forced forward (``encode``,
+        ``decode_hidden``) attends over each row's length instead, which assumes right padding
+        (T5's contract); outputs at padding positions differ (nothing reads them). Decoding with
+        a cache always uses the masks. A plain attribute.
       weights: the nested weight dict built by ``from_hf_tensors`` instead of a random init.
     """
 
     is_encoder_decoder = True
 
     def __init__(self, config: T5Config, *, rngs: Optional[nnx.Rngs] = None, dtype=jnp.float32,
-                 remat: bool = False, weights: Optional[Mapping[str, Any]] = None):
+                 remat: Union[bool, str] = False, weights: Optional[Mapping[str, Any]] = None,
+                 attention: Optional[str] = None):
         if weights is None:
             if rngs is None:
                 raise ValueError("T5 needs `rngs` for a random init, or `weights`")
@@ -408,6 +437,7 @@ class T5(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.remat = remat
+        self.attention = attention
         self.shared = nnx.Param(weights["shared"])
         self.lm_head = None if config.tie_word_embeddings else nnx.Param(weights["lm_head"])
         self.encoder = _Stack(weights["encoder"])
@@ -447,7 +477,8 @@ class T5(nnx.Module):
         config = self.config
         positions = jnp.arange(input_ids.shape[1])
         bias = self._stack_bias(self.encoder, positions, positions, bidirectional=True)
-        mask = _key_mask(attention_mask)
+        mask = (_key_mask(attention_mask) if self.attention is None
+                else _lengths(attention_mask, *input_ids.shape, False, self.attention))
 
         def layer(h, xs):
             w, site_params = xs
@@ -474,6 +505,9 @@ class T5(nnx.Module):
         if decoder_attention_mask is not None:
             self_mask = self_mask & _key_mask(decoder_attention_mask)
         cross_mask = _key_mask(attention_mask)
+        if self.attention is not None:
+            self_mask = _lengths(decoder_attention_mask, *decoder_input_ids.shape, True, self.attention)
+            cross_mask = _lengths(attention_mask, *encoder_out.shape[:2], False, self.attention)
 
         def layer(h, xs):
             w, site_params = xs

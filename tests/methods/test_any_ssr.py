@@ -138,13 +138,15 @@ def test_routes_each_example_of_a_mixed_batch_and_applies_its_lora(fitted, strea
     rows = [t[i] for i in range(max(len(t) for t in test)) for t in test if i < len(t)]  # tasks interleaved
     truth = np.array([j for i in range(max(len(t) for t in test)) for j, t in enumerate(test) if i < len(t)])
     batch = {k: jnp.asarray(v) for k, v in batching.collate_eval(rows, spec).items() if k != "position_ids"}
-    picked = np.asarray(method.route(model, state, batch))
+    route_and_ctx = nnx.jit(lambda model, state, batch: (method.route(model, state, batch),
+                                                         method.eval_ctx(model, state, batch, task=0)))
+    picked, ctx = route_and_ctx(model, state, batch)
+    picked = np.asarray(picked)
     reference = _reference_features(model, state["fixed"]["router"]["w_fe"], [r.prompt for r in rows])
     np.testing.assert_array_equal(picked, np.argmax(reference @ np.asarray(state["fixed"]["router"]["W"]), axis=1))
     assert len(set(picked.tolist())) == 3 and np.mean(picked == truth) >= 0.9
 
     # Each row of the mixed batch gets exactly the logits it gets alone with its routed LoRA.
-    ctx = method.eval_ctx(model, state, batch, task=0)
     np.testing.assert_array_equal(np.argmax(np.asarray(ctx["task_weights"]), axis=1), picked)
     logits = _logits_fn(method)
     mixed = logits(model, state, batch["input_ids"], batch["attention_mask"], ctx)

@@ -12,13 +12,13 @@ from flax import nnx
 from jaxcl import methods
 from jaxcl.data import batching, load_stream, tokenization
 from jaxcl.methods import MIST, SeqLoRA, TaskInfo
-from jaxcl.methods.mist import current_mask, site_path
+from jaxcl.methods.mist import current_mask, mask_index, site_path
 from jaxcl.train import config as jconfig
 from jaxcl.train import step as jstep
 from jaxcl.train.checkpoint import Checkpointer
 from jaxcl.train.loop import run
 
-from tiny_cl import TASKS, tiny_config
+from tiny_cl import TASKS, tiny_config, tiny_llama, tiny_t5
 
 BATCH = 8
 
@@ -36,7 +36,7 @@ def _batches(rows, index, spec):
         chunk = rows[start:start + BATCH]
         real = np.arange(BATCH) < len(chunk)
         b = batching.collate_train(chunk + [chunk[-1]] * (BATCH - len(chunk)), real, spec)
-        b.pop("position_ids")
+        b.pop("position_ids", None)
         yield dict(b, task_ids=np.full(BATCH, index, np.int32), real=real)
 
 
@@ -50,7 +50,8 @@ def test_sensitivity_updates_no_weight_and_masks_keep_the_fraction_per_layer(tin
     method = MIST(inner=SeqLoRA(dropout=0.0), fraction=0.1)
     before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model)))
     state = method.init(jax.random.PRNGKey(0), model.site_shapes(), 3)
-    scores = method.sensitivity(jax.random.split(jax.random.PRNGKey(1))[1], _info(model, stream, 0))  # begin_task's key
+    key = jax.random.split(jax.random.PRNGKey(1))[1]  # the key begin_task scores with
+    scores = method.sensitivity(key, _info(model, stream, 0), state)
     state = method.begin_task(jax.random.PRNGKey(1), state, _info(model, stream, 0), model.site_shapes())
     after = nnx.to_pure_dict(nnx.state(model))
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, after))
@@ -69,11 +70,15 @@ def test_sensitivity_updates_no_weight_and_masks_keep_the_fraction_per_layer(tin
 def test_transform_grads_keeps_masked_entries_scaled_by_decay_per_earlier_task():
     shape = (2, 6, 5)
     rng = np.random.default_rng(0)
-    bits = rng.integers(0, 8, size=shape).astype(np.uint8)   # tasks 0, 1, 2 chose entries at random
+    current = np.zeros(shape, bool)  # task 2 chose 7 entries per layer (topk_mask keeps equal counts) ...
+    for layer in current:
+        layer.flat[rng.choice(layer.size, 7, replace=False)] = True
+    bits = (rng.integers(0, 4, size=shape) | current << 2).astype(np.uint8)  # ... tasks 0 and 1 at random
     method = MIST(inner=SeqLoRA(), sites=("attn.q",), keep_prob=1.0, decay=0.9)
     grad = rng.normal(size=shape).astype(np.float32)
+    index = mask_index(current)
     state = {"train": {}, "fixed": {"mist": {"selected": {"attn.q": jnp.asarray(bits)}, "task": jnp.int32(2),
-                                             "overlap": jnp.zeros((3, 3))}}}
+                                             "overlap": jnp.zeros((3, 3)), "index": {"attn.q": index}}}}
     grads = {"method": {}, "base": {"layers": {"q": jnp.asarray(grad), "k": None}}}
     out = np.asarray(method.transform_grads(grads, state, jax.random.PRNGKey(0))["base"]["layers"]["q"])
     earlier = (bits & 1) + ((bits >> 1) & 1)
@@ -143,6 +148,54 @@ def test_backbone_changes_only_inside_the_mask_about_k_times_keep_prob_per_step(
     print("share changed per step, SGD with momentum 0.9:", np.round(stateful, 5))
     assert not outside
     assert np.all(stateful <= k) and stateful[-1] > k * keep + tolerance, stateful
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_site_patterns_make_exactly_the_site_weights_trainable(family, tiny_tokenizer):
+    model = (tiny_llama if family == "llama" else tiny_t5)(len(tiny_tokenizer))
+    patterns = {"llama": ("attn.q", "mlp.down"), "t5": ("attn.q", "mlp.wo")}[family]
+    method = MIST(inner=SeqLoRA(sites=("q",)), sites=patterns)
+    state = method.init(jax.random.PRNGKey(0), model.site_shapes(), 2)
+    sites = sorted(state["fixed"]["mist"]["selected"])
+    expected = {"llama": ["attn.q", "mlp.down"],
+                "t5": ["decoder.cross_attn.q", "decoder.mlp.wo", "decoder.self_attn.q", "encoder.mlp.wo",
+                       "encoder.self_attn.q"]}[family]
+    assert sites == expected
+    base = nnx.to_pure_dict(nnx.state(model))
+    trained, _ = jstep.split_base(method, base)
+    paths = {jstep.path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(trained)[0]}
+    assert paths == {site_path(s) for s in sites}
+    for site in sites:
+        assert _get_path(base, site_path(site)).shape == model.site_shapes()[site]
+    with pytest.raises(ValueError, match="match no site"):
+        MIST(sites=("attn.nothing",)).init(jax.random.PRNGKey(0), model.site_shapes(), 2)
+
+
+def _get_path(tree, path):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def test_t5_sensitivity_scores_encoder_and_decoder_weights(stream_root, tiny_tokenizer):
+    model = tiny_t5(len(tiny_tokenizer))
+    task = load_stream("cl_benchmark", list(TASKS), stream_root)[0]
+    spec = tokenization.make_batch_spec(tiny_tokenizer, "seq2seq", 48, 4, bucket_multiple=16)
+    info = TaskInfo(0, 2, "colors", batches=lambda: _batches(tokenization.tokenize_examples(task.train, tiny_tokenizer, spec),
+                                                              0, spec), model=model)
+    method = MIST(inner=SeqLoRA(sites=("q",)), sites=("attn.q", "mlp.wo"), fraction=0.1)
+    state = method.init(jax.random.PRNGKey(0), model.site_shapes(), 2)
+    scores = method.sensitivity(jax.random.PRNGKey(1), info, state)
+    for site, score in scores.items():
+        # The decoder's start-token state reaches the decoder's weights, except the q of its
+        # self-attention: one token attends only to itself, so q (and k) get no gradient.
+        if site == "decoder.self_attn.q":
+            np.testing.assert_array_equal(score, 0.0)
+        else:
+            assert np.asarray(score).max() > 0, site
+    state = method.begin_task(jax.random.PRNGKey(1), state, info, model.site_shapes())
+    report = method.report(state)["mist"]
+    np.testing.assert_allclose(report["mask_share_per_task"], [0.1], atol=1e-3)
 
 
 def test_build_wraps_any_method_and_checks_mist_options():

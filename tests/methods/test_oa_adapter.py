@@ -18,12 +18,12 @@ SHAPES = {"attn.q": (3, 12, 10), "attn.v": (3, 12, 6)}
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10**6), n=st.integers(1, 40))
-def test_soft_threshold_gives_exact_zeros_below_tau_and_a_gradient_to_tau(seed, n):
+@given(seed=st.integers(0, 10**6))
+def test_soft_threshold_gives_exact_zeros_below_tau_and_a_gradient_to_tau(seed):
     rng = np.random.default_rng(seed)
-    g = rng.normal(size=n).astype(np.float32)
+    g = rng.normal(size=32).astype(np.float32)
     tau = np.float32(abs(rng.normal()) * 0.8)
-    w = rng.normal(size=n).astype(np.float32)
+    w = rng.normal(size=32).astype(np.float32)
     gamma = np.asarray(soft_threshold(jnp.asarray(g), jnp.asarray(tau)))
     off = np.abs(g) <= tau
     assert np.all(gamma[off] == 0.0)

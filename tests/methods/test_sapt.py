@@ -100,7 +100,7 @@ def test_left_padding_does_not_change_the_attention():
     prompt = jnp.asarray([[5, 9, 11, 7]], jnp.int32)
     alone = method.attention(state, {"input_ids": prompt, "attention_mask": jnp.ones_like(prompt)}, training=False)
     padded = jnp.concatenate([jnp.asarray([[0, 0, 0]], jnp.int32), prompt], axis=1)
-    mask = (padded > 0).astype(jnp.int32).at[0, 3:].set(1)
+    mask = jnp.asarray([[0, 0, 0, 1, 1, 1, 1]], jnp.int32)
     with_pad = method.attention(state, {"input_ids": padded, "attention_mask": mask}, training=False)
     np.testing.assert_array_equal(alone, with_pad)
     official = SAPT(pool_padding=True)
@@ -214,19 +214,26 @@ def test_past_loras_and_keys_are_bit_identical_after_the_next_task(two_tasks):
     assert all(jax.tree.leaves(moved))  # the shared query network trains on every task
 
 
-def _loss_grads(method, model, state):
+def _task_loss(method, model, fixed, batch):
+    """``train -> answer cross-entropy`` of ``batch`` through the model with SAPT's adapter."""
     graphdef, weights = nnx.split(model)
     base = nnx.to_pure_dict(weights)
-    batch = {k: jnp.asarray(v) for k, v in _task_batches(1)[0].items() if k != "real"}
 
     def ce(train):
-        s = {"train": train, "fixed": state["fixed"]}
-        adapter = method.adapter(s, method.train_ctx(s, batch))
+        state = {"train": train, "fixed": fixed}
+        adapter = method.adapter(state, method.train_ctx(state, batch))
         nll, n = jstep.answer_nll(jstep.bind(graphdef, base), batch, adapter, max_targets=2)
         return nll / n
 
+    return ce
+
+
+def _loss_grads(method, model, state):
+    batch = {k: jnp.asarray(v) for k, v in _task_batches(1)[0].items() if k != "real"}
+    ce = _task_loss(method, model, state["fixed"], batch)
+
     def reflection(train):
-        return method.extra_loss({"train": train, "fixed": state["fixed"]}, base)
+        return method.extra_loss({"train": train, "fixed": state["fixed"]}, None)
 
     grads = jax.jit(lambda train: (jax.grad(ce)(train), jax.grad(reflection)(train), reflection(train)))
     return grads(state["train"])
@@ -262,7 +269,8 @@ def test_stored_mean_attention_and_pseudo_inputs(two_tasks):
     assert targets[1, 2] == 0 and (targets[2] == 0).all()
     state = snaps["end1"]
     rows = _task_batches(1)
-    batch = {k: jnp.concatenate([jnp.asarray(b[k]) for b in rows]) for k in ("input_ids", "attention_mask", "loss_mask")}
+    batch = {k: jnp.concatenate([jnp.asarray(b[k]) for b in rows])
+             for k in ("input_ids", "attention_mask", "loss_mask")}
     mean = np.asarray(method.attention(state, batch, training=False)).mean(axis=0)
     np.testing.assert_allclose(mean, targets[1], rtol=1e-4, atol=1e-6)
     # 12 examples: 2% rounds to 0, so pseudo_min (3) pseudo-inputs; they continue the shared header,
@@ -288,7 +296,7 @@ def test_real_pseudo_inputs_are_pooled_prompts_of_the_task():
         assert np.min(np.abs(pooled - row).max(axis=1)) < 1e-6
 
 
-def test_t5_sites_share_one_attention_and_generate_pseudo_inputs():
+def test_t5_encoder_and_decoder_sites_train_and_pseudo_inputs_are_generated():
     model = tiny_t5(VOCAB)
     shapes = model.site_shapes()
     method = SAPT(sites=T5_SITES, pseudo_new_tokens=3, pseudo_min=2)
@@ -302,27 +310,17 @@ def test_t5_sites_share_one_attention_and_generate_pseudo_inputs():
                  "decoder_mask": np.ones((4, 2), np.int32), "loss_mask": np.ones((4, 2), np.float32),
                  "task_ids": np.full(4, task, np.int32), "real": np.ones(4, bool)}]
 
-    state = method.init(jax.random.PRNGKey(0), shapes, 2)
-    for t in range(2):
-        info = TaskInfo(t, 2, f"t{t}", batches=functools.partial(iter, batches(t)), model=model)
-        state = method.begin_task(jax.random.PRNGKey(t + 1), state, info, shapes)
-        # pretend training: a non-zero current LoRA at every site
+    def pretend_trained(state):  # a non-zero current LoRA at every site
         lora = jax.tree.map(lambda x: x + 0.3, state["train"]["lora"])
-        state = {"train": dict(state["train"], lora=lora), "fixed": state["fixed"]}
-        if t == 1:
-            break
-        state = method.end_task(state, info)
+        return {"train": dict(state["train"], lora=lora), "fixed": state["fixed"]}
+
+    infos = [TaskInfo(t, 2, f"t{t}", batches=functools.partial(iter, batches(t)), model=model) for t in range(2)]
+    state = method.begin_task(jax.random.PRNGKey(1), method.init(jax.random.PRNGKey(0), shapes, 2), infos[0], shapes)
+    state = method.end_task(pretend_trained(state), infos[0])
+    state = pretend_trained(method.begin_task(jax.random.PRNGKey(2), state, infos[1], shapes))
     np.testing.assert_array_equal(np.asarray(state["fixed"]["pseudo_valid"]).sum(axis=1), [2, 0])
     batch = {k: jnp.asarray(v) for k, v in batches(1)[0].items() if k != "real"}
-    graphdef, weights = nnx.split(model)
-    base = nnx.to_pure_dict(weights)
-
-    def ce(train):
-        s = {"train": train, "fixed": state["fixed"]}
-        adapter = method.adapter(s, method.train_ctx(s, batch))
-        nll, n = jstep.answer_nll(jstep.bind(graphdef, base), batch, adapter, max_targets=2)
-        return nll / n
-
+    ce = _task_loss(method, model, state["fixed"], batch)
     grads = jax.jit(jax.grad(ce))(state["train"])
     assert _norm(grads["query"]) > 0
     for site in T5_SITES:  # encoder and decoder sites all see the adapter
