@@ -73,7 +73,7 @@ def test_weight_is_pretrained_exactly_where_the_mixed_mask_is_zero(seed, train):
             w = np.broadcast_to(w, got.shape)
         np.testing.assert_array_equal(got[..., :lower, :, :], w[..., :lower, :, :])  # lower layers: untouched
         upper_got, upper_w, m = got[..., lower:, :, :], w[..., lower:, :, :], np.asarray(m)
-        assert (m == 0).mean() > 0.2 and (m > 0).any()
+        assert (m == 0).any() and (m > 0).any()  # both cases occur, so both checks below bite
         np.testing.assert_array_equal(upper_got[m == 0], upper_w[m == 0])
         expected = upper_w + m * np.asarray(state["train"]["delta"][site])
         np.testing.assert_allclose(upper_got, expected, rtol=1e-6, atol=1e-6)
