@@ -68,11 +68,7 @@ def heatmap(results: dict, path: str) -> str:
                     color="white" if matrix[i, j] < 60 else "black")
     ax.set_title(f"{results['method']}: score (%) on task j after training task i")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)
     return path
 
 
@@ -102,9 +98,16 @@ def budget_plot(results: dict, path: str) -> str | None:
     if used is not None and allocated:
         title += f" — {used:,} of {allocated:,} adapter parameters used ({100 * used / allocated:.1f}%)"
     fig.suptitle(title)
+    _save(fig, path)
+    return path
+
+
+def _save(fig, path: str) -> None:
+    """Write a figure as PNG atomically (temporary file, then ``os.replace``) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
-    return path
