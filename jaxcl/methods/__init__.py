@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Optional
 
@@ -79,6 +80,11 @@ def _mist(inner: Method, options: dict) -> MIST:
 
 def _typed(value, tp, where: str):
     """``value`` as the field type ``tp`` (YAML lists become tuples; ints are valid floats)."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+    if options:  # Optional[X]: None, or a value of X
+        if value is None and type(None) in options:
+            return None
+        (tp,) = [t for t in options if t is not type(None)]
     if tp is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

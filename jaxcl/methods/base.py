@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxcl.models.sites import Adapter
 
@@ -98,6 +99,11 @@ class Method:
         """Hook on the gradients of ``{"method": ..., "base": ...}`` before the optimizer."""
         del state, key
         return grads
+
+    def optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+        """The optimizer of ``{"method": ..., "base": ...}`` given the run's ``tx``; a method whose
+        parts want different optimizers returns an ``optax.multi_transform`` (MIST's backbone part)."""
+        return tx
 
     def post_update(self, state: State) -> State:
         """Hook after each optimizer update (e.g. a hard projection)."""

@@ -30,15 +30,17 @@ the share of task t's mask also chosen by task s (the diagonal is 1), and from t
 ``begin_task`` on ``index[site]`` (L, n): the flat positions of the current mask's n entries per
 layer. ``report`` adds the overlap and mask shares to the inner method's report.
 
-What the optimizer does with these gradients matters (the engine has one optimizer for everything):
-  * entries outside the mask never get a gradient, so with zero weight decay they stay
-    bit-identical under SGD, SGD with momentum or Adam(W) — weight decay > 0 moves them;
-  * with plain SGD an entry moves only on the steps where its gradient is kept, so about
-    ``fraction · keep_prob`` of the site weights change per step;
+Optimizers (``MIST.optimizer``): the backbone part gets its own SGD (DESIGN: lr ``backbone_lr`` =
+1e-4, momentum ``backbone_momentum`` = 0.9, no weight decay) while the inner method keeps the run's
+optimizer; ``backbone_lr=None`` gives the backbone the run's optimizer too. What it does with the
+gradients matters:
+  * entries outside the mask never get a gradient, so they stay bit-identical under SGD, SGD with
+    momentum or Adam — unless the run's optimizer with weight decay > 0 also drives the backbone;
+  * with plain SGD (momentum 0) an entry moves only on the steps where its gradient is kept, so
+    about ``fraction · keep_prob`` of the site weights change per step;
   * with momentum or Adam, an entry whose gradient was kept once keeps moving on later steps through
-    the optimizer state, so up to ``fraction`` of the entries change per step. DESIGN's MIST uses
-    SGD with momentum 0.9 and lr 1e-4 for the backbone part while the inner method keeps its own
-    optimizer; that needs per-group optimizers in the engine (not available yet).
+    the optimizer state, so up to ``fraction`` of the entries change per step (the engine logs the
+    measured share as ``base_changed`` in ``log.jsonl``).
 
 The inner method's state lives alongside: ``fixed`` holds the inner method's fixed state plus the
 ``"mist"`` key (so the inner method must not use that key); ``train`` is the inner method's.
@@ -47,9 +49,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxcl.kernels import sensitivity
@@ -252,6 +257,8 @@ class MIST(Method):
       batch_size: examples per InfoNCE batch (the other examples of a batch are the negatives;
         activation memory of the scoring pass grows with it).
       sensitivity_examples: score on the first this many training examples; 0 = all.
+      backbone_lr: learning rate of the backbone's own SGD; None = the run's optimizer for it too.
+      backbone_momentum: momentum of that SGD (0 = plain SGD).
     """
 
     name = "mist"
@@ -265,6 +272,8 @@ class MIST(Method):
     head_dim: int = 128
     batch_size: int = 16
     sensitivity_examples: int = 0
+    backbone_lr: Optional[float] = 1e-4
+    backbone_momentum: float = 0.9
 
     def __post_init__(self):
         if not 0.0 < self.fraction <= 1.0:
@@ -422,6 +431,13 @@ class MIST(Method):
 
     def extra_loss(self, state, base):
         return self.inner.extra_loss(self._inner(state), base)
+
+    def optimizer(self, tx):
+        inner = self.inner.optimizer(tx)
+        if self.backbone_lr is None:
+            return inner
+        backbone = optax.sgd(self.backbone_lr, momentum=self.backbone_momentum or None)
+        return optax.multi_transform({"method": inner, "base": backbone}, lambda params: {k: k for k in params})
 
     def transform_grads(self, grads, state, key):
         key_inner, key_drop = jax.random.split(key)

@@ -6,6 +6,8 @@ A config file looks like::
     method_args: {lambda1: 0.5}
     model: default             # "default" | local HF dir | hub id | gguf:PATH
     dtype: float32
+    attention: null            # null (masked attention) | cudnn (GPU flash attention) | xla
+    remat: false               # true, or a jax.checkpoint_policies name
     data:
       source: bundled          # bundled | cl_benchmark | superni | trace
       root: null               # folder of the benchmark (not for bundled)
@@ -20,6 +22,7 @@ import types
 import typing
 from typing import Any, Optional, Union
 
+import jax
 import yaml
 
 
@@ -82,6 +85,8 @@ class RunConfig:
     method_args: dict = dataclasses.field(default_factory=dict)
     model: str = "default"
     dtype: str = "float32"
+    attention: Optional[str] = None        # None | "cudnn" | "xla": the models' uncached attention path
+    remat: Union[bool, str] = False        # recompute layers in the backward: True or a checkpoint policy
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -157,6 +162,11 @@ def from_dict(values: dict, where: str = "config") -> RunConfig:
                           f"got {cfg.mesh}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"{where}.dtype: expected 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    if cfg.attention not in (None, "cudnn", "xla"):
+        raise ConfigError(f"{where}.attention: expected null, 'cudnn' or 'xla', got {cfg.attention!r}")
+    if isinstance(cfg.remat, str) and not callable(getattr(jax.checkpoint_policies, cfg.remat, None)):
+        raise ConfigError(f"{where}.remat: expected true/false or a jax.checkpoint_policies name "
+                          f"(e.g. 'dots_with_no_batch_dims_saveable'), got {cfg.remat!r}")
     return cfg
 
 

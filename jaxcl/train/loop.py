@@ -100,7 +100,12 @@ class _Runner:
         self.cfg, self.tokenizer, self.method, self.replay = cfg, tokenizer, method, replay
         self.encoder_decoder = model.is_encoder_decoder
         self.site_shapes = model.site_shapes()
+        # The config's attention path and remat policy go into the graph definition only: the
+        # caller's model object keeps its own settings.
+        own = model.attention, model.remat
+        model.attention, model.remat = cfg.attention, cfg.remat
         self.graphdef, state = nnx.split(model)
+        model.attention, model.remat = own
         base = nnx.to_pure_dict(state)
         trained, frozen = jstep.split_base(method, base)
         # -- sharding (jaxcl.train.sharding): weights by rule, batches over data x fsdp
@@ -132,7 +137,7 @@ class _Runner:
     # -- training --------------------------------------------------------------------------------
     @functools.lru_cache(maxsize=None)
     def optimizer(self, steps: int):
-        return optim.optimizer(self.cfg.train, steps)
+        return self.method.optimizer(optim.optimizer(self.cfg.train, steps))
 
     @functools.lru_cache(maxsize=None)
     def train_step(self, steps: int):
@@ -264,6 +269,8 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
     if model_and_tokenizer is None:
         model_and_tokenizer = load_model(cfg.model, dtype=jnp.dtype(cfg.dtype))
     model, tokenizer = model_and_tokenizer
+    # Every process computes; only the first writes the log and results (Orbax coordinates its own).
+    primary = jax.process_index() == 0
     r = _Runner(cfg, tasks, model, tokenizer, method, replay)
     os.makedirs(out_dir, exist_ok=True)
     ckpt = Checkpointer(out_dir)
@@ -284,14 +291,17 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         if meta["step"]:  # a mid-task checkpoint: the optimizer state continues too
             tx = r.optimizer(r.phase_steps(phases[meta["phase"]]))
             restored_opt = ckpt.restore(ck_step, "opt", jax.eval_shape(tx.init, params))
-        _truncate_log(log_path, meta["log_lines"])
+        if primary:
+            _truncate_log(log_path, meta["log_lines"])
     start_time = time.time() - meta["seconds"]
     steps_this_call = 0
 
     def log(record: dict) -> None:
+        meta["log_lines"] += 1
+        if not primary:
+            return
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        meta["log_lines"] += 1
 
     def save(params: dict, fixed: dict, opt_state=None) -> None:
         meta["checkpoint"] += 1
@@ -322,14 +332,14 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         tstate, fixed = r.place(tstate), r.place(state["fixed"])
         feed = r.feed(phase, members, [i for ph in phases[:phase] for i in ph])
         step_fn = r.train_step(steps)
-        bar = _progress(progress, steps, meta["step"], info.name)
+        bar = _progress(progress and primary, steps, meta["step"], info.name)
         t_last = time.time()
         for s in range(meta["step"], steps):
             key = jax.random.fold_in(jax.random.fold_in(r.key, phase), s)
             tstate, m = step_fn(tstate, r.frozen_base, fixed, feed(s), key)
             loss, now = float(m["loss"]), time.time()
             log({"event": "step", "phase": phase, "step": s + 1, "loss": loss, "ce": float(m["ce"]),
-                 "seconds": round(now - t_last, 4)})
+                 "seconds": round(now - t_last, 4)} | {k: float(m[k]) for k in ("base_changed",) if k in m})
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", steps_per_s=f"{1.0 / max(now - t_last, 1e-9):.2f}")
                 bar.update(1)
@@ -370,7 +380,8 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         "routing_accuracy": meta["routing"] if any(x is not None for x in meta["routing"]) else None,
         "seconds": round(time.time() - start_time, 1), "config": cfg.to_dict(), "versions": _versions(),
     }
-    write_json_atomic(results_path, results)
+    if primary:
+        write_json_atomic(results_path, results)
     ckpt.close()
     return results
 

@@ -89,7 +89,8 @@ def train_step(tstate: TrainState, frozen_base: dict, fixed: dict, batch: dict, 
                graphdef, method: Method, tx: optax.GradientTransformation, max_targets: int):
     """One optimizer step over ``batch`` whose arrays have a leading (grad_accum,) axis.
 
-    Returns the new state and ``{"loss", "ce"}`` averaged over the micro-batches.
+    Returns the new state and ``{"loss", "ce"}`` averaged over the micro-batches; when base weights
+    train, also ``"base_changed"``: the share of their entries this step changed (MIST's sparsity).
     """
     grad_fn = jax.value_and_grad(functools.partial(_loss, graphdef=graphdef, method=method,
                                                    max_targets=max_targets), has_aux=True)
@@ -110,7 +111,12 @@ def train_step(tstate: TrainState, frozen_base: dict, fixed: dict, batch: dict, 
     params = optax.apply_updates(tstate.params, updates)
     state = method.post_update({"train": params["method"], "fixed": fixed})
     params = dict(params, method=state["train"])
-    return TrainState(params, opt_state, tstate.step + 1), {"loss": loss / num_micro, "ce": ce / num_micro}
+    metrics = {"loss": loss / num_micro, "ce": ce / num_micro}
+    old_base, new_base = jax.tree.leaves(tstate.params["base"]), jax.tree.leaves(params["base"])
+    if old_base:
+        changed = sum(jnp.sum(a != b) for a, b in zip(old_base, new_base))
+        metrics["base_changed"] = changed / sum(a.size for a in old_base)
+    return TrainState(params, opt_state, tstate.step + 1), metrics
 
 
 def generate_step(params, frozen_base, fixed, input_ids, attention_mask, task, *, graphdef, method: Method,

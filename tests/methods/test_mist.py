@@ -1,6 +1,7 @@
 """MIST on the tiny engine stream: MI sensitivity without weight updates, per-layer masks, sparse and
 thinned backbone updates (bit-identical outside the mask), decay, mask overlap, and a full run."""
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -243,3 +244,21 @@ def test_full_run_reports_mask_overlap_and_freezes_unselected_entries(tmp_path, 
         np.testing.assert_array_equal(np.asarray(final_base[name])[~union], initial[name][~union], err_msg=site)
         moved += int((np.asarray(final_base[name]) != initial[name]).sum())
     assert moved > 0
+    # the engine logs the share of site weights each step changed: inside (0, fraction]
+    with open(tmp_path / "log.jsonl", encoding="utf-8") as f:
+        changed = [r["base_changed"] for r in map(json.loads, f) if r["event"] == "step"]
+    assert changed and all(0.0 <= c <= 0.1 + 1e-6 for c in changed) and max(changed) > 0, changed
+
+
+def test_backbone_gets_its_own_sgd_while_the_inner_method_keeps_the_run_optimizer():
+    params = {"method": {"a": jnp.ones(3)}, "base": {"layers": {"q": jnp.ones((2, 2))}}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    own = MIST(inner=SeqLoRA(), backbone_lr=1e-2, backbone_momentum=0.5).optimizer(optax.sgd(0.5))
+    state = own.init(params)
+    for expected_base in (-1e-2, -1.5e-2):  # momentum: g, then 0.5 g + g
+        updates, state = own.update(grads, state, params)
+        np.testing.assert_allclose(updates["method"]["a"], -0.5, rtol=1e-6)
+        np.testing.assert_allclose(updates["base"]["layers"]["q"], expected_base, rtol=1e-6)
+    shared = MIST(inner=SeqLoRA(), backbone_lr=None).optimizer(optax.sgd(0.5))
+    updates, _ = shared.update(grads, shared.init(params), params)
+    np.testing.assert_allclose(updates["base"]["layers"]["q"], -0.5, rtol=1e-6)

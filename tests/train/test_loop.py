@@ -38,6 +38,19 @@ def test_results_json_schema_and_matrix_shape(stream_root, tmp_path, tiny_model)
     assert len(steps) == 3 * 6 and all(np.isfinite(r["loss"]) for r in steps)
 
 
+def test_attention_path_and_remat_from_the_config_train_the_same(stream_root, tmp_path, tiny_model):
+    plain = _run(stream_root, tmp_path / "plain", tiny_model, method="seq_lora")
+    fused = _run(stream_root, tmp_path / "fused", tiny_model, method="seq_lora", attention="xla",
+                 remat="dots_with_no_batch_dims_saveable")
+    assert fused["config"]["attention"] == "xla" and tiny_model[0].attention is None  # caller's model untouched
+    losses = [[r["loss"] for r in _steps(out) if r["event"] == "step"] for out in (tmp_path / "plain", tmp_path / "fused")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=2e-4)
+    assert fused["matrix"] == plain["matrix"]
+    # the setting reaches the model: cuDNN attention cannot run on the CPU backend
+    with pytest.raises(Exception, match="(?i)cudnn|gpu|cuda"):
+        _run(stream_root, tmp_path / "cudnn", tiny_model, method="seq_lora", attention="cudnn")
+
+
 def test_killed_and_resumed_run_ends_with_the_same_results(stream_root, tmp_path, tiny_tokenizer):
     overrides = {"train": {"steps_per_task": 6, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 2}}
     full = _run(stream_root, tmp_path / "full", (tiny_llama(len(tiny_tokenizer)), tiny_tokenizer), **overrides)
@@ -91,6 +104,8 @@ def _write(path, text):
     ("method: nope\ndata: {source: bundled}\n", "unknown method 'nope'"),
     ("method: olora\nmethod_args: {rank: 4, colour: red}\n", "method_args.colour"),
     ("method: [olora\n", "line"),
+    ("method: olora\nattention: flash\n", "attention: expected null, 'cudnn' or 'xla'"),
+    ("method: olora\nremat: everything\n", "remat: expected true/false or a jax.checkpoint_policies name"),
 ])
 def test_bad_config_exits_2_with_one_clear_error(tmp_path, capsys, body, message):
     cfg = _write(tmp_path / "bad.yaml", body)
