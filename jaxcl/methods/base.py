@@ -38,6 +38,8 @@ class TaskInfo:
         ``attention_mask * (1 - loss_mask)``) plus ``task_ids`` (B,) and ``real`` (B,) bool (False on
         rows that only fill up the last batch). For methods that fit something on the task's data
         (Any-SSR's router, MIST's sensitivity).
+      validation_batches: the same over the task's validation split (carved from its training data;
+        the iterator is empty when the split is), e.g. for SAPT's mean attention.
       model: the NNX model with the current base weights (frozen features, sensitivity gradients).
     """
 
@@ -46,6 +48,7 @@ class TaskInfo:
     name: str = ""
     batches: Optional[Callable[[], Any]] = None
     model: Any = None
+    validation_batches: Optional[Callable[[], Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +77,10 @@ class Method:
         del state, ctx, key
         return None
 
-    def train_ctx(self, state: State, batch: dict) -> Any:
-        """Per-example context while training; ``batch["task_ids"]`` (B,) names each example's task."""
-        del state, batch
+    def train_ctx(self, model: Any, state: State, batch: dict) -> Any:
+        """Per-example context while training; ``batch["task_ids"]`` (B,) names each example's task.
+        ``model`` is the model of the forward pass (its weights are the current base weights)."""
+        del model, state, batch
         return None
 
     def eval_ctx(self, model: Any, state: State, batch: dict, task: int) -> Any:

@@ -423,8 +423,8 @@ class MIST(Method):
     def adapter(self, state, ctx, key=None):
         return self.inner.adapter(self._inner(state), ctx, key)
 
-    def train_ctx(self, state, batch):
-        return self.inner.train_ctx(self._inner(state), batch)
+    def train_ctx(self, model, state, batch):
+        return self.inner.train_ctx(model, self._inner(state), batch)
 
     def eval_ctx(self, model, state, batch, task):
         return self.inner.eval_ctx(model, self._inner(state), batch, task)

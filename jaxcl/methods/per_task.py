@@ -20,7 +20,8 @@ def one_hot_ctx(columns: jax.Array, num_columns: int) -> dict:
 class PerTask(LoRABank):
     name = "per_task"
 
-    def train_ctx(self, state, batch):
+    def train_ctx(self, model, state, batch):
+        del model
         # Examples of the task being trained use the current LoRA (last column); replayed examples
         # of finished tasks use their own slot.
         slots = num_slots(state)

@@ -19,9 +19,9 @@ continually) and the current task's key. The keys of all tasks are preallocated 
 state and the attention uses it in row ``c``; at ``end_task`` it is written back. Past keys and past
 LoRAs are therefore in the fixed state and never receive gradients (no ``transform_grads`` needed).
 
-**ARM.** After task ``t``, ``fixed["targets"][t]`` = the mean attention over task ``t``'s inputs
-(over tasks ``<= t``, zeros after). jaxcl's ``TaskInfo`` exposes only the task's *training* data
-(``batches()``), so the mean is taken over the training inputs (SAPT uses held-out inputs). While
+**ARM.** After task ``t``, ``fixed["targets"][t]`` = the mean attention over task ``t``'s held-out
+inputs (``TaskInfo.validation_batches``, the validation split carved from its training data; the
+training inputs when that split is empty), over tasks ``<= t``, zeros after. While
 task ``c`` trains, ``extra_loss`` adds ``kl_ratio · Σ_{i<c} KL(target_i ‖ softmax(scores))`` over
 pseudo-inputs of each past task ``i``; only the query network and the keys enter it (the LoRAs are
 not involved), so its gradient reaches nothing else.
@@ -41,12 +41,8 @@ pseudo-input is kept as its pooled embedding ``fixed["pseudo"]`` (T, capacity, d
 mask ``fixed["pseudo_valid"]`` (T, capacity): the reflection loss then costs one query-network pass
 per step, not an embedding gather over (T, capacity, length) tokens.
 
-**The embedding table in the fixed state.** ``train_ctx(state, batch)`` has no access to the model,
-yet the attention must be part of the training forward pass. ``begin_task`` therefore puts the base
-model's input embedding table (Llama ``embed``, T5 ``shared``; V × d) into ``fixed["embed"]``. It is
-the same (immutable, never donated) array as the base weight, so it costs no device memory; it is,
-however, written into every checkpoint of the fixed state. (A cleaner engine would pass the base
-weights to ``train_ctx``.)
+The query reads the input embedding table of the model of the forward pass (Llama ``embed``, T5
+``shared``; ``train_ctx``/``eval_ctx`` receive the model), so the method keeps no copy of it.
 
 **Pooling.** By default only the input tokens are pooled: the prompt (decoder-only training batches
 hold prompt + answer; the answer is never pooled, so training and test queries see the same thing)
@@ -60,6 +56,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -251,7 +249,7 @@ class SAPT(LoRABank):
             raise ValueError("sapt needs TaskInfo.model (its input embeddings make the attention queries)")
         k_lora, k_seed = jax.random.split(key)
         fresh = super().begin_task(k_lora, state, task, site_shapes)
-        fixed = dict(state["fixed"], embed=_embedding_table(task.model), current=jnp.int32(task.index),
+        fixed = dict(state["fixed"], current=jnp.int32(task.index),
                      seed=jax.random.randint(k_seed, (), 0, np.iinfo(np.int32).max, jnp.int32))
         train = dict(state["train"], lora=fresh["train"]["lora"], key=fixed["keys"][task.index])
         return {"train": train, "fixed": fixed}
@@ -265,10 +263,15 @@ class SAPT(LoRABank):
         state = {"train": train, "fixed": fixed}
         if task.batches is None:
             raise ValueError("sapt needs TaskInfo.batches (ARM stores each task's mean attention)")
-        mean_attention, prompts = self._scan_task(state, task.batches())
+        table = _embedding_table(task.model)
+        prompts = self._prompts(task.batches())
+        held_out = None if task.validation_batches is None else task.validation_batches()
+        mean_attention = self._mean_attention(table, state, held_out)
+        if mean_attention is None:  # no validation split: the training inputs
+            mean_attention = self._mean_attention(table, state, task.batches())
         fixed = dict(fixed, targets=fixed["targets"].at[c].set(mean_attention))
         if c + 1 < task.num_tasks:  # no later task reflects on the last one: it needs no pseudo-inputs
-            pooled = self._pseudo_inputs(state, task, prompts)
+            pooled = self._pseudo_inputs(table, state, task, prompts)
             n = pooled.shape[0]
             valid = (jnp.arange(self.pseudo_capacity) < n).astype(jnp.float32)
             fixed = dict(fixed, pseudo=fixed["pseudo"].at[c, :n].set(pooled),
@@ -276,14 +279,14 @@ class SAPT(LoRABank):
         return {"train": train, "fixed": fixed}
 
     # -- attention -------------------------------------------------------------------------------
-    def attention(self, state, batch: dict, training: bool) -> jax.Array:
+    def attention(self, table: jax.Array, state, batch: dict, training: bool) -> jax.Array:
         """``(B, T)`` attention of each example over the task slots (0 for tasks not trained yet).
 
         ``training``: use the current key from the train state in row ``current`` (after
         ``end_task`` it lives in ``fixed["keys"]``).
         """
         fixed = state["fixed"]
-        e = pool_embeddings(fixed["embed"], batch["input_ids"], input_mask(batch, self.pool_padding))
+        e = pool_embeddings(table, batch["input_ids"], input_mask(batch, self.pool_padding))
         q = attention_select.query(state["train"]["query"], e)
         return attention_select.select(self._keys(state, training), q, self._active(fixed))
 
@@ -298,8 +301,8 @@ class SAPT(LoRABank):
     def _active(fixed) -> jax.Array:
         return jnp.arange(fixed["keys"].shape[0]) <= fixed["current"]
 
-    def train_ctx(self, state, batch):
-        a = self.attention(state, batch, training=True)
+    def train_ctx(self, model, state, batch):
+        a = self.attention(_embedding_table(model), state, batch, training=True)
         current = jnp.arange(a.shape[1]) == state["fixed"]["current"]
         # The current task's weight moves from its (still empty) slot to the current-LoRA column.
         past = jnp.where(current, 0.0, a)
@@ -307,13 +310,12 @@ class SAPT(LoRABank):
         return {"task_weights": jnp.concatenate([past, now], axis=1)}
 
     def eval_ctx(self, model, state, batch, task):
-        del model, task  # the attention decides, never the task id
-        a = self.attention(state, batch, training=False)
+        del task  # the attention decides, never the task id
+        a = self.attention(_embedding_table(model), state, batch, training=False)
         return {"task_weights": jnp.concatenate([a, jnp.zeros_like(a[:, :1])], axis=1)}
 
     def route(self, model, state, batch):
-        del model
-        return jnp.argmax(self.attention(state, batch, training=False), axis=1).astype(jnp.int32)
+        return jnp.argmax(self.attention(_embedding_table(model), state, batch, training=False), axis=1).astype(jnp.int32)
 
     # -- attentive reflection --------------------------------------------------------------------
     def extra_loss(self, state, base):
@@ -333,26 +335,31 @@ class SAPT(LoRABank):
         return self.kl_ratio * jnp.sum(per_task)
 
     # -- end-of-task statistics ------------------------------------------------------------------
-    def _scan_task(self, state, batches) -> tuple[jax.Array, list]:
-        """Mean attention over the task's inputs, and its prompts (token arrays), in one pass."""
+    def _mean_attention(self, table: jax.Array, state, batches) -> Optional[jax.Array]:
+        """``(T,)`` mean attention over the real rows of ``batches``; None when there are none."""
         attend = jax.jit(functools.partial(self.attention, training=False))
-        total, count, prompts = 0.0, 0, []
-        for batch in batches:
+        total, count = 0.0, 0
+        for batch in batches or ():
             real = np.asarray(batch["real"], bool)
-            arrays = {k: jnp.asarray(v) for k, v in batch.items() if k in _QUERY_INPUTS}
-            a = attend(state, arrays)
+            a = attend(table, state, {k: jnp.asarray(v) for k, v in batch.items() if k in _QUERY_INPUTS})
             total = total + jnp.sum(jnp.where(jnp.asarray(real)[:, None], a, 0.0), axis=0)
             count += int(real.sum())
-            ids, tokens = np.asarray(batch["input_ids"]), np.asarray(input_mask(arrays))
-            prompts += [ids[b][tokens[b]] for b in np.flatnonzero(real)]
-        if not count:
-            raise ValueError("sapt: the task has no training examples to take its mean attention from")
-        return total / count, prompts
+        return total / count if count else None
 
-    def _pseudo_inputs(self, state, task: TaskInfo, prompts: list) -> jax.Array:
+    def _prompts(self, batches) -> list:
+        """The prompt tokens (1-D arrays) of the real rows of ``batches``."""
+        prompts = []
+        for batch in batches:
+            real = np.asarray(batch["real"], bool)
+            ids, tokens = np.asarray(batch["input_ids"]), np.asarray(input_mask(batch))
+            prompts += [ids[b][tokens[b]] for b in np.flatnonzero(real)]
+        if not prompts:
+            raise ValueError("sapt: the task has no training examples to take its mean attention from")
+        return prompts
+
+    def _pseudo_inputs(self, table: jax.Array, state, task: TaskInfo, prompts: list) -> jax.Array:
         """``(n, d)`` pooled embeddings of the task's pseudo-inputs (module docstring)."""
         n = int(np.clip(round(self.pseudo_fraction * len(prompts)), self.pseudo_min, self.pseudo_capacity))
-        table = state["fixed"]["embed"]
         if self.pseudo_source == "real":
             picked = [prompts[i] for i in np.unique(np.linspace(0, len(prompts) - 1, n).round().astype(int))]
             ids, mask = _pad_rows(picked, max(len(p) for p in picked), left=False)

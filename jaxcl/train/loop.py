@@ -181,10 +181,11 @@ class _Runner:
             return jsharding.shard_batch(self.mesh, b, batch_axis=1)
         return batch
 
-    def task_batches(self, members: list[int]):
-        """Every training example of the tasks ``members`` once, in order (see ``TaskInfo.batches``)."""
+    def task_batches(self, members: list[int], split: str = "train"):
+        """Every example of ``split`` (train or validation) of the tasks ``members`` once, in order
+        (see ``TaskInfo.batches``)."""
         size = self.cfg.eval.batch_size
-        rows = [(i, x) for i in members for x in self.tasks[i].train]
+        rows = [(i, x) for i in members for x in getattr(self.tasks[i], split)]
         for start in range(0, len(rows), size):
             chunk = rows[start:start + size]
             real = np.arange(size) < len(chunk)
@@ -221,7 +222,7 @@ class _Runner:
     def _nll(params, frozen_base, fixed, batch, *, graphdef, method, max_targets):
         model = jstep.bind(graphdef, jstep.merge_base(params["base"], frozen_base))
         state = {"train": params["method"], "fixed": fixed}
-        return jstep.answer_nll(model, batch, method.adapter(state, method.train_ctx(state, batch)), max_targets)
+        return jstep.answer_nll(model, batch, method.adapter(state, method.train_ctx(model, state, batch)), max_targets)
 
     def validation_loss(self, params: dict, fixed: dict, index: int) -> Optional[float]:
         """Mean answer-token cross-entropy on the task's validation split (carved from train)."""
@@ -318,6 +319,7 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         members = phases[phase]
         info = TaskInfo(phase, len(phases), "+".join(r.tasks[i].name for i in members),
                         batches=functools.partial(r.task_batches, members),
+                        validation_batches=functools.partial(r.task_batches, members, split="validation"),
                         model=jstep.bind(r.graphdef, jstep.merge_base(trained_base, r.frozen_base)))
         steps = r.phase_steps(members)
         tx = r.optimizer(steps)

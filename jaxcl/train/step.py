@@ -79,7 +79,7 @@ def _loss(params, frozen_base, fixed, batch, key, *, graphdef, method, max_targe
     base = merge_base(params["base"], frozen_base)
     model = bind(graphdef, base)
     state = {"train": params["method"], "fixed": fixed}
-    adapter = method.adapter(state, method.train_ctx(state, batch), key)
+    adapter = method.adapter(state, method.train_ctx(model, state, batch), key)
     nll, count = answer_nll(model, batch, adapter, max_targets)
     ce = nll / jnp.maximum(count, 1.0)
     return ce + method.extra_loss(state, base), ce

@@ -58,17 +58,18 @@ def test_attention_sums_to_one_over_seen_tasks_and_is_zero_on_unseen(num_tasks, 
     state = _state_at(method, num_tasks, current, seed)
     rng = np.random.default_rng(seed)
     train_batch = _random_batch(rng, batch, 7)
-    w = np.asarray(method.train_ctx(state, train_batch)["task_weights"])
+    model = _fake_model(seed)
+    w = np.asarray(method.train_ctx(model, state, train_batch)["task_weights"])
     assert w.shape == (batch, num_tasks + 1)
     np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5)
     assert (w[:, current:num_tasks] == 0).all()  # own slot still empty: its weight is in the last column
     assert (w[:, num_tasks] > 0).all() and (w[:, :current] > 0).all()
 
     eval_batch = _random_batch(rng, batch, 7, train=False)
-    w = np.asarray(method.eval_ctx(None, state, eval_batch, task=0)["task_weights"])
+    w = np.asarray(method.eval_ctx(model, state, eval_batch, task=0)["task_weights"])
     np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5)
     assert (w[:, current + 1:] == 0).all() and (w[:, : current + 1] > 0).all()
-    picked = np.asarray(method.route(None, state, eval_batch))
+    picked = np.asarray(method.route(model, state, eval_batch))
     assert ((0 <= picked) & (picked <= current)).all()
 
 
@@ -98,13 +99,14 @@ def test_left_padding_does_not_change_the_attention():
     method = SAPT()
     state = _state_at(method, 3, 2, seed=3)
     prompt = jnp.asarray([[5, 9, 11, 7]], jnp.int32)
-    alone = method.attention(state, {"input_ids": prompt, "attention_mask": jnp.ones_like(prompt)}, training=False)
+    table = _fake_model(3).embed
+    alone = method.attention(table, state, {"input_ids": prompt, "attention_mask": jnp.ones_like(prompt)}, training=False)
     padded = jnp.concatenate([jnp.asarray([[0, 0, 0]], jnp.int32), prompt], axis=1)
     mask = jnp.asarray([[0, 0, 0, 1, 1, 1, 1]], jnp.int32)
-    with_pad = method.attention(state, {"input_ids": padded, "attention_mask": mask}, training=False)
+    with_pad = method.attention(table, state, {"input_ids": padded, "attention_mask": mask}, training=False)
     np.testing.assert_array_equal(alone, with_pad)
     official = SAPT(pool_padding=True)
-    shifted = official.attention(state, {"input_ids": padded, "attention_mask": mask}, training=False)
+    shifted = official.attention(table, state, {"input_ids": padded, "attention_mask": mask}, training=False)
     assert not np.allclose(shifted, alone)  # pooling the pad embedding moves the query
 
 
@@ -138,8 +140,9 @@ def test_each_site_adds_the_attention_weighted_sum_of_task_loras(current, seed):
     state = {"train": dict(state["train"], lora=cur), "fixed": dict(state["fixed"], past=past)}
 
     batch = _random_batch(np.random.default_rng(seed), 3, 6)
-    ctx = method.train_ctx(state, batch)
-    a = np.asarray(method.attention(state, batch, training=True))
+    model = _fake_model(seed)
+    ctx = method.train_ctx(model, state, batch)
+    a = np.asarray(method.attention(model.embed, state, batch, training=True))
     adapter = method.adapter(state, ctx)
     x = jax.random.normal(jax.random.fold_in(key, 1), (3, 6, 16))
     for site in SHAPES:
@@ -221,7 +224,7 @@ def _task_loss(method, model, fixed, batch):
 
     def ce(train):
         state = {"train": train, "fixed": fixed}
-        adapter = method.adapter(state, method.train_ctx(state, batch))
+        adapter = method.adapter(state, method.train_ctx(model, state, batch))
         nll, n = jstep.answer_nll(jstep.bind(graphdef, base), batch, adapter, max_targets=2)
         return nll / n
 
@@ -271,7 +274,7 @@ def test_stored_mean_attention_and_pseudo_inputs(two_tasks):
     rows = _task_batches(1)
     batch = {k: jnp.concatenate([jnp.asarray(b[k]) for b in rows])
              for k in ("input_ids", "attention_mask", "loss_mask")}
-    mean = np.asarray(method.attention(state, batch, training=False)).mean(axis=0)
+    mean = np.asarray(method.attention(model.embed[...], state, batch, training=False)).mean(axis=0)
     np.testing.assert_allclose(mean, targets[1], rtol=1e-4, atol=1e-6)
     # 12 examples: 2% rounds to 0, so pseudo_min (3) pseudo-inputs; they continue the shared header,
     # so their pooled embedding dominates the header's.
@@ -280,6 +283,31 @@ def test_stored_mean_attention_and_pseudo_inputs(two_tasks):
     header = pool_embeddings(model.embed[...], jnp.asarray([[3, 4 + 1, 5]]), jnp.ones((1, 3)))
     assert (np.asarray(fixed["pseudo"][1, :3]) >= np.asarray(header) - 1e-6).all()
     assert method.report(state)["pseudo_inputs_per_task"] == [3, 3, 0]
+
+
+def test_mean_attention_is_taken_on_the_validation_inputs_when_there_are_some():
+    model = tiny_llama(VOCAB)
+    method = SAPT(pseudo_source="real", pseudo_min=2)
+    shapes = model.site_shapes()
+    state = method.init(jax.random.PRNGKey(0), shapes, 3)
+    for t in range(2):
+        held_out = _task_batches(t, seed=50 + t, n_rows=4)
+        info = TaskInfo(t, 3, f"t{t}", batches=functools.partial(iter, _task_batches(t)), model=model,
+                        validation_batches=functools.partial(iter, held_out))
+        state = method.begin_task(jax.random.PRNGKey(1 + t), state, info, shapes)
+        # move the query network and the key so that attention differs between inputs
+        state = dict(state, train=jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(7 + t), x.shape),
+                                               state["train"]))
+        state = method.end_task(state, info)
+    table = model.embed[...]
+
+    def mean_over(rows):
+        batch = {k: jnp.concatenate([jnp.asarray(b[k]) for b in rows]) for k in ("input_ids", "attention_mask", "loss_mask")}
+        return np.asarray(method.attention(table, state, batch, training=False)).mean(axis=0)
+
+    target = np.asarray(state["fixed"]["targets"][1])
+    np.testing.assert_allclose(target, mean_over(_task_batches(1, seed=51, n_rows=4)), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(target, mean_over(_task_batches(1)), rtol=1e-4, atol=1e-6)
 
 
 def test_real_pseudo_inputs_are_pooled_prompts_of_the_task():
