@@ -49,12 +49,11 @@ def _cmd_run(args) -> int:
 def _cmd_demo(args) -> int:
     import jax
 
+    from jaxcl import methods as jmethods
     from jaxcl.models import load_model
     from jaxcl.train import config as jconfig
     from jaxcl.train.loop import run
-    from jaxcl.train.report import format_matrix
-
-    from jaxcl import methods as jmethods
+    from jaxcl.train.report import format_comparison, format_matrix
 
     chosen = args.methods.split(",") if args.methods else list(DEMO_METHODS)
     for method in chosen:  # a misspelt method fails now, not after the first runs
@@ -69,23 +68,24 @@ def _cmd_demo(args) -> int:
         out = os.path.join(args.out, method)
         results = run(cfg, out, resume=args.resume, model_and_tokenizer=model_and_tokenizer)
         print(format_matrix(results), flush=True)
-        summary.append((method, results["metrics"]))
-    print("\nmethod           AP     BWT    FWT   forgetting")
-    for method, m in summary:
-        print(f"{method:<14}" + "".join(f"{m[k]:7.1f}" for k in ("AP", "BWT", "FWT", "forgetting")))
+        summary.append(results)
+    print("\n" + format_comparison(summary))
     print(f"demo finished in {time.time() - t0:.0f}s; results in {args.out}/<method>/results.json")
     return 0
 
 
 def _cmd_report(args) -> int:
-    from jaxcl.train.report import budget_plot, format_matrix, heatmap, load_results
+    from jaxcl.train.report import budget_plot, format_comparison, format_matrix, heatmap, load_results
 
-    results = load_results(args.dir)
-    print(format_matrix(results))
-    print(f"heatmap: {heatmap(results, os.path.join(args.dir, 'matrix.png'))}")
-    budgets = budget_plot(results, os.path.join(args.dir, "budgets.png"))
-    if budgets:
-        print(f"budgets: {budgets}")
+    runs = [load_results(d) for d in args.dirs]  # every folder is checked before anything is written
+    for folder, results in zip(args.dirs, runs):
+        print(format_matrix(results))
+        print(f"heatmap: {heatmap(results, os.path.join(folder, 'matrix.png'))}")
+        budgets = budget_plot(results, os.path.join(folder, "budgets.png"))
+        if budgets:
+            print(f"budgets: {budgets}")
+    if len(runs) > 1:
+        print("\n" + format_comparison(runs))
     return 0
 
 
@@ -102,8 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--methods", help=f"comma-separated methods to compare (default {','.join(DEMO_METHODS)})")
     p.set_defaults(func=_cmd_demo)
-    p = sub.add_parser("report", help="print a run's matrix and metrics, write matrix.png")
-    p.add_argument("dir")
+    p = sub.add_parser("report", help="print each run's matrix and metrics, write matrix.png; compare runs")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
     p.set_defaults(func=_cmd_report)
     args = parser.parse_args(argv)
     try:

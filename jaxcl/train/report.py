@@ -48,6 +48,17 @@ def format_matrix(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(runs: list[dict]) -> str:
+    """One line of AP / BWT / FWT / forgetting per run (results.json contents), as text."""
+    width = max(len(r["method"]) for r in runs) + 2
+    lines = [f"{'method':<{width}}" + "".join(f"{k:>11}" for k in ("AP", "BWT", "FWT", "forgetting"))]
+    for r in runs:
+        m = r["metrics"]
+        lines.append(f"{r['method']:<{width}}" + "".join(
+            f"{'-' if m.get(k) is None else f'{m[k]:.1f}':>11}" for k in ("AP", "BWT", "FWT", "forgetting")))
+    return "\n".join(lines)
+
+
 def heatmap(results: dict, path: str) -> str:
     """Write the accuracy matrix as a PNG heatmap; returns the path."""
     import matplotlib

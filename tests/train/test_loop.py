@@ -131,6 +131,15 @@ def test_report_prints_matrix_and_writes_heatmap(stream_root, tmp_path, tiny_mod
     assert "after colors" in out and "AP" in out
     with open(tmp_path / "matrix.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # several runs: one comparison line per run, with that run's own AP
+    _run(stream_root, tmp_path / "seq", tiny_model, method="seq_lora", train={"steps_per_task": 1})
+    assert cli.main(["report", str(tmp_path), str(tmp_path / "seq")]) == 0
+    table = capsys.readouterr().out.split("forgetting\n")[-1].splitlines()
+    for line, folder in zip(table, (tmp_path, tmp_path / "seq")):
+        with open(folder / "results.json") as f:
+            results = json.load(f)
+        assert line.split()[:2] == [results["method"], f"{results['metrics']['AP']:.1f}"]
+    assert len(table) == 2
 
 
 def test_encoder_decoder_run_adapts_every_attention_block(stream_root, tmp_path, tiny_tokenizer):
