@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxcl import data as jdata
 from jaxcl import methods as jmethods
@@ -266,6 +267,8 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
     if has_run and not resume:
         raise RunError(f"{out_dir} already holds a run (results.json or checkpoints/); pass --resume to continue it "
                        "or choose another --out")
+    if jax.process_count() > 1:  # every process looks at the folder before any of them writes to it
+        multihost_utils.sync_global_devices("jaxcl: output folder checked")
     tasks = load_tasks(cfg)
     if model_and_tokenizer is None:
         model_and_tokenizer = load_model(cfg.model, dtype=jnp.dtype(cfg.dtype))

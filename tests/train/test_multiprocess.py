@@ -73,24 +73,7 @@ def _free_port() -> int:
 def test_two_processes_train_like_one(tmp_path):
     mesh = sharding.make_mesh(jconfig.MeshConfig(data=1), jax.devices()[:1])
     expected, _ = train_losses(mesh)
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
-                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAXCL_NUM_PROCESSES="2", JAXCL_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, __file__], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outputs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err[-3000:]
-            outputs.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outputs = [json.loads(out.strip().splitlines()[-1]) for out in _spawn([])]
     assert sorted(o["process"] for o in outputs) == [0, 1]
     for o in outputs:
         assert o["processes"] == 2 and o["devices"] == 4 and o["local_devices"] == 2
@@ -99,8 +82,68 @@ def test_two_processes_train_like_one(tmp_path):
         np.testing.assert_allclose(o["losses"], expected, atol=1e-4, rtol=0)
 
 
+def _spawn(args: list[str]) -> list[str]:
+    """Run this file as two processes of one JAX run (2 CPU devices each); their stdout."""
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+                   PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAXCL_NUM_PROCESSES="2", JAXCL_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, __file__, *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+            outputs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_process_cl_run_matches_one_process_and_writes_once(stream_root, tmp_path, tiny_model):
+    from tiny_cl import tiny_config
+
+    from jaxcl.train.loop import run
+
+    cfg = tiny_config(stream_root, method="seq_lora", train={"steps_per_task": 3})
+    one = run(jconfig.from_dict(cfg), str(tmp_path / "one"), progress=False, model_and_tokenizer=tiny_model)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(dict(cfg, mesh={"data": 2, "fsdp": 2}), f)
+    _spawn(["run", stream_root, str(tmp_path / "config.json"), str(tmp_path / "two")])
+    with open(tmp_path / "two" / "results.json") as f:
+        two = json.load(f)
+    np.testing.assert_allclose(two["matrix"], one["matrix"], atol=1e-3)
+    with open(tmp_path / "one" / "log.jsonl") as f1, open(tmp_path / "two" / "log.jsonl") as f2:
+        losses = [[r["loss"] for r in map(json.loads, f) if r["event"] == "step"] for f in (f1, f2)]
+    assert len(losses[1]) == len(losses[0])  # one writer: each step logged once, not twice
+    np.testing.assert_allclose(losses[1], losses[0], atol=1e-4)
+
+
+def _run_worker(stream_root: str, config: str, out: str) -> None:
+    """One process of a two-process ``jaxcl.train.loop.run`` of the tiny stream."""
+    from tiny_cl import TASKS, tiny_llama, word_tokenizer
+
+    from jaxcl.data import load_stream
+    from jaxcl.train.loop import run
+
+    tasks = load_stream("cl_benchmark", list(TASKS), stream_root)
+    tokenizer = word_tokenizer([e.prompt + " " + e.answer for t in tasks for e in t.train + t.test])
+    with open(config) as f:
+        cfg = jconfig.from_dict(json.load(f))
+    run(cfg, out, progress=False, model_and_tokenizer=(tiny_llama(len(tokenizer)), tokenizer))
+
+
 def _worker() -> None:
     assert sharding.initialize_distributed()
+    if sys.argv[1:2] == ["run"]:
+        _run_worker(*sys.argv[2:5])
+        return
     mesh = sharding.make_mesh(jconfig.MeshConfig(data=1, fsdp=2, tensor=2))
     losses, q = train_losses(mesh)
     print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
