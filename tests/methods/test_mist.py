@@ -262,3 +262,17 @@ def test_backbone_gets_its_own_sgd_while_the_inner_method_keeps_the_run_optimize
     shared = MIST(inner=SeqLoRA(), backbone_lr=None).optimizer(optax.sgd(0.5))
     updates, _ = shared.update(grads, shared.init(params), params)
     np.testing.assert_allclose(updates["base"]["layers"]["q"], -0.5, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_mist_around_any_ssr_routes_and_tunes_the_backbone(tmp_path, stream_root, tiny_model):
+    cfg = jconfig.from_dict(tiny_config(stream_root, method="mist+any_ssr",
+                                        method_args={"expansion_dim": 64, "mist_fraction": 0.1}))
+    results = run(cfg, str(tmp_path), progress=False, model_and_tokenizer=tiny_model)
+    routing = np.array(results["routing_accuracy"])
+    assert routing.shape == (3, 3) and np.all(routing[-1] >= 90.0)  # Any-SSR's router still routes
+    assert results["method_report"]["expansion_dim"] == 64
+    np.testing.assert_allclose(results["method_report"]["mist"]["mask_share_per_task"], 0.1, atol=1e-3)
+    with open(tmp_path / "log.jsonl", encoding="utf-8") as f:
+        changed = [r["base_changed"] for r in map(json.loads, f) if r["event"] == "step"]
+    assert max(changed) > 0
