@@ -339,23 +339,38 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         step_fn = r.train_step(steps)
         bar = _progress(progress and primary, steps, meta["step"], info.name)
         t_last = time.time()
-        for s in range(meta["step"], steps):
-            key = jax.random.fold_in(jax.random.fold_in(r.key, phase), s)
-            tstate, m = step_fn(tstate, r.frozen_base, fixed, feed(s), key)
+
+        def record(s: int, m: dict) -> None:
+            """Log step ``s``: reading its metrics back waits for that step (and only that step)."""
+            nonlocal t_last
             loss, now = float(m["loss"]), time.time()
             log({"event": "step", "phase": phase, "step": s + 1, "loss": loss, "ce": float(m["ce"]),
                  "seconds": round(now - t_last, 4)} | {k: float(m[k]) for k in ("base_changed",) if k in m})
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", steps_per_s=f"{1.0 / max(now - t_last, 1e-9):.2f}")
                 bar.update(1)
-            t_last, meta["step"] = now, s + 1
+            t_last = now
+
+        # Step s is logged after step s + 1 is dispatched, so the host builds the next batch while
+        # the device computes: no step waits for the host.
+        pending = None
+        for s in range(meta["step"], steps):
+            key = jax.random.fold_in(jax.random.fold_in(r.key, phase), s)
+            tstate, m = step_fn(tstate, r.frozen_base, fixed, feed(s), key)
+            if pending is not None:
+                record(*pending)
+            pending, meta["step"] = (s, m), s + 1
             steps_this_call += 1
             stopping = stop_after_steps is not None and steps_this_call >= stop_after_steps
             every = cfg.train.checkpoint_every
             if s + 1 < steps and (stopping or (every and (s + 1) % every == 0)):
+                record(*pending)  # a checkpoint covers every step logged before it
+                pending = None
                 save(tstate.params, fixed, tstate.opt_state)
                 if stopping:
                     raise Interrupted(f"stopped after {steps_this_call} steps (phase {phase}, step {s + 1})")
+        if pending is not None:
+            record(*pending)
         if bar is not None:
             bar.close()
         trained_base = tstate.params["base"]
