@@ -22,14 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import AutoTokenizer
 
+from bench_lora_step import WORKLOADS  # the same SmolLM2-135M shape as the step benchmark
 from jaxcl.models.llama import Llama, LlamaConfig
 from jaxcl.train import config as jconfig
 from jaxcl.train.loop import run
-
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
-                    rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=(2,),
-                    pad_token_id=2)
 
 
 def parse_variant(text: str) -> dict:
@@ -72,7 +68,7 @@ def main() -> None:
                 "train": {"epochs": args.epochs, "batch_size": 16, "lr": 1e-3},
                 "eval": {"max_test_per_task": args.max_test, "max_new_tokens": 8, "batch_size": 64},
             }, where="bench")
-            model = Llama(LlamaConfig(**SMOLLM2_135M), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+            model = Llama(LlamaConfig.from_hf(WORKLOADS["smollm2_135m"]["hf"]), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
             out = os.path.join(args.out, f"{method}_{text.replace(',', '_').replace('=', '-')}")
             t0 = time.time()
             results = run(cfg, out, progress=False, model_and_tokenizer=(model, tokenizer))

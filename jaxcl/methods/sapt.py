@@ -354,7 +354,7 @@ class SAPT(LoRABank):
             ids, tokens = np.asarray(batch["input_ids"]), np.asarray(input_mask(batch))
             prompts += [ids[b][tokens[b]] for b in np.flatnonzero(real)]
         if not prompts:
-            raise ValueError("sapt: the task has no training examples to take its mean attention from")
+            raise ValueError("sapt: the task has no training examples to take its prompts from")
         return prompts
 
     def _pseudo_inputs(self, table: jax.Array, state, task: TaskInfo, prompts: list) -> jax.Array:

@@ -114,7 +114,8 @@ def train_step(tstate: TrainState, frozen_base: dict, fixed: dict, batch: dict, 
     metrics = {"loss": loss / num_micro, "ce": ce / num_micro}
     old_base, new_base = jax.tree.leaves(tstate.params["base"]), jax.tree.leaves(params["base"])
     if old_base:
-        changed = sum(jnp.sum(a != b) for a, b in zip(old_base, new_base))
+        # float32 counts: an int32 sum overflows past 2**31 entries (full fine-tuning of a 7B model)
+        changed = sum(jnp.sum(a != b, dtype=jnp.float32) for a, b in zip(old_base, new_base))
         metrics["base_changed"] = changed / sum(a.size for a in old_base)
     return TrainState(params, opt_state, tstate.step + 1), metrics
 
