@@ -385,12 +385,53 @@ def _load_gguf(path: pathlib.Path, dtype):
             tensors[hf_name] = _Tensor(f"{path} (GGUF tensor {tensor.name})", shape,
                                        reader_for(tensor, hf_name))
     model = _build(hf_config, tensors, [str(path)], str(path), dtype)
-    return model, _gguf_tokenizer(path)
+    return model, _gguf_tokenizer(path, reader.fields)
 
 
-def _gguf_tokenizer(path: pathlib.Path):
-    from transformers import AutoTokenizer
+# Byte-level BPE pre-tokenizers by llama.cpp's ``tokenizer.ggml.pre`` name (as the models' own
+# tokenizer.json files have them); other vocabularies (and files without merges) go through
+# transformers, whose GGUF reader needs torch.
+_BYTE_LEVEL_PRE = {"smollm": ("digits",), "gpt2": (), "default": ()}
+
+
+def _gguf_tokenizer(path: pathlib.Path, fields: Mapping[str, Any]):
+    """The tokenizer a GGUF file carries. Byte-level BPE vocabularies (SmolLM2's) are built here from
+    the file with ``tokenizers``: transformers' own GGUF reader needs torch, which jaxcl does not."""
+    model_name = _gguf_value(fields["tokenizer.ggml.model"]) if "tokenizer.ggml.model" in fields else None
+    pre = _gguf_value(fields["tokenizer.ggml.pre"]) if "tokenizer.ggml.pre" in fields else "default"
     try:
+        if model_name == "gpt2" and pre in _BYTE_LEVEL_PRE and "tokenizer.ggml.merges" in fields:
+            return _byte_level_bpe(fields, _BYTE_LEVEL_PRE[pre])
+        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except Exception as e:  # transformers raises many unrelated types for a broken tokenizer
+    except Exception as e:  # transformers/tokenizers raise many unrelated types for a broken tokenizer
         raise ModelLoadError(f"{path}: could not read the GGUF tokenizer ({type(e).__name__}: {e})") from e
+
+
+def _gguf_strings(field) -> list[str]:
+    return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+
+def _byte_level_bpe(fields: Mapping[str, Any], extra_pre: tuple[str, ...]):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = _gguf_strings(fields["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_strings(fields["tokenizer.ggml.merges"])]
+    kinds = [int(fields["tokenizer.ggml.token_type"].parts[i][0]) for i in fields["tokenizer.ggml.token_type"].data]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if "digits" in extra_pre else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    # llama.cpp token types: 3 = control (special), 4 = user-defined
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, kinds) if k == 3])
+    tok.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, kinds) if k == 4])
+
+    def special(key: str):
+        name = f"tokenizer.ggml.{key}"
+        return tokens[_gguf_value(fields[name])] if name in fields else None
+
+    template = _gguf_value(fields["tokenizer.chat_template"]) if "tokenizer.chat_template" in fields else None
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special("bos_token_id"),
+                                   eos_token=special("eos_token_id"), unk_token=special("unknown_token_id"),
+                                   pad_token=special("padding_token_id"), chat_template=template)

@@ -74,3 +74,27 @@ def test_chat_greedy_continuations_match_transformers(ours, reference):
         print(f"\n[SmolLM2 chat] {text!r}")
         assert text == expected
         assert len(text.split()) >= 3
+
+
+def test_tokenizer_built_without_torch_matches_transformers_gguf_tokenizer(ours):
+    """jaxcl builds SmolLM2's byte-level BPE tokenizer from the GGUF itself (transformers' GGUF reader
+    needs torch); it must encode, decode and template exactly like transformers' tokenizer."""
+    from transformers import AutoTokenizer
+
+    from jaxcl.data import load_stream
+
+    path = default_gguf_path()
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    tok = ours[1]
+    assert "Tokenizer" in type(tok).__name__ and not hasattr(tok, "gguf_file")
+    prompts = [e.prompt + " " + e.answer for t in load_stream("bundled", "wordnet") for e in t.test[:25]]
+    texts = [TEXT, "In 2024, 366 days; 3.14159 and 1,000,000!", "naïve café — 東京 🙂\t tabs\n\nnewlines",
+             "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>", *CHATS, *prompts]
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert ids == ref(text)["input_ids"], text
+        assert tok.decode(ids) == ref.decode(ids)
+    chat = [{"role": "user", "content": CHATS[0]}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, len(tok)) == (ref.bos_token, ref.eos_token, ref.pad_token, len(ref))
