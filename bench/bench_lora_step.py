@@ -7,7 +7,7 @@ with an empty device and reports its own peak memory), and writes ``OUT/raw.json
                  random-weight Llama/T5 in bfloat16 with ``SeqLoRA`` (r=8, alpha=32, dropout 0.1,
                  float32 adapters) on the q and v projections, AdamW (optax).
   torch_eager    transformers' LlamaForCausalLM / T5ForConditionalGeneration, bfloat16, peft LoRA
-  torch_compiled with the same settings (the setup of the project's PyTorch anchors, DESIGN §9),
+  torch_compiled with the same settings (the setup of the project's PyTorch anchors),
                  the second under ``torch.compile``.
   rls            Any-SSR's router update at E = 10000 features: the per-sample (official-style)
                  loop and the blocked Woodbury update, in jaxcl (``jaxcl.kernels.rls``) and torch,
@@ -26,7 +26,7 @@ Usage (GPU):
   python bench/bench_lora_step.py --out DIR                         # every case
   python bench/bench_lora_step.py --out DIR --only jaxcl,rls --workloads smollm2_135m
   python bench/bench_lora_step.py --out DIR --jaxcl-variants "attention=cudnn;attention=cudnn,remat=True"
-      (variant keys: attention, remat, prng, dropout, data (GPUs, data parallel), profile (adds a jax.profiler
+      (variant keys: attention, remat, scan (false: unrolled layers), prng, dropout, data (GPUs, data parallel), profile (adds a jax.profiler
       breakdown), xla_flags (flags joined by "+", a comma inside a flag's value written "|"))
   python bench/bench_lora_step.py --summarize DIR/raw.json [...]   # -> bench/results.json
 """
@@ -199,7 +199,7 @@ def _host_batch(workload: dict, batch: int, seed: int = 0) -> dict:
 # -------------------------------------------------------------------------------------- jaxcl step
 
 def jaxcl_lora(workload: dict, variant: dict, steps: int) -> dict:
-    """The engine's train step on ``workload``; ``variant``: attention, remat, prng, data (GPUs)."""
+    """The engine's train step on ``workload``; ``variant``: attention, remat, scan, prng, data (GPUs)."""
     import jax
 
     if variant.get("prng"):
@@ -207,6 +207,8 @@ def jaxcl_lora(workload: dict, variant: dict, steps: int) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
+    from jaxcl.methods import axes
+    from jaxcl.methods.base import ModelInfo, StepContext
     from jaxcl.methods.seq_lora import SeqLoRA
     from jaxcl.train import config as jconfig
     from jaxcl.train import optim, sharding
@@ -225,24 +227,27 @@ def jaxcl_lora(workload: dict, variant: dict, steps: int) -> dict:
         sites, max_targets = T5_SITES, workload["tgt"]
     model.remat = variant.get("remat", False)
     model.attention = variant.get("attention")
-    site_shapes = model.site_shapes()
+    model.scan_layers = bool(variant.get("scan", True))
+    info = ModelInfo.of(model)
     method = SeqLoRA(sites=sites, **dict(LORA, dropout=float(variant.get("dropout", LORA["dropout"]))))
     graphdef, state = nnx.split(model)
     del model
     trained, frozen = jstep.split_base(method, nnx.to_pure_dict(state))
     del state
     n_params = sum(x.size for x in jax.tree.leaves((trained, frozen)))
-    mstate = method.init(jax.random.PRNGKey(1), site_shapes, 1)
-    tx = optim.optimizer(jconfig.TrainConfig(lr=workload["lr"], weight_decay=0.01), 1000)
-    params = {"method": mstate["train"], "base": trained}
-    tstate = sharding.place(mesh, jstep.TrainState(params, tx.init(params), jnp.int32(0)))
-    frozen, fixed = sharding.place(mesh, frozen), sharding.place(mesh, mstate["fixed"])
+    mstate, _ = axes.split(method.init(jax.random.PRNGKey(1), info, 1))
+    make_tx = lambda num_steps: method.optimizer(optim.optimizer(jconfig.TrainConfig(lr=workload["lr"], weight_decay=0.01), num_steps))
+    params = {"method": mstate.params, "base": trained}
+    whole = sharding.replicated(mesh)
+    put = lambda tree: jax.tree.map(lambda x: jax.device_put(x, whole), tree)
+    tstate = put(jstep.TrainState(params, make_tx(1000).init(params), StepContext.start(0, 1000, 0)))
+    frozen, fixed = put(frozen), put(mstate.fixed)
     global_batch = workload["batch"] * ways
     batch = sharding.shard_batch(mesh, _host_batch(workload, global_batch), batch_axis=1)
     keys = jax.random.split(jax.random.PRNGKey(7), 1 + WARMUP + 2 * steps)
     jax.block_until_ready((tstate, frozen, batch, keys))
     setup = time.perf_counter() - t0
-    fn = jax.jit(functools.partial(jstep.train_step, graphdef=graphdef, method=method, tx=tx,
+    fn = jax.jit(functools.partial(jstep.train_step, graphdef=graphdef, method=method, make_tx=make_tx,
                                    max_targets=max_targets), donate_argnums=(0,))
     losses = []
     holder = {"tstate": tstate}

@@ -8,6 +8,7 @@ Public entry points (submodules hold the rest):
 """
 __version__ = "0.1.0"
 
+from jaxcl import _quiet  # noqa: F401  (before anything imports transformers)
 from jaxcl import kernels
 from jaxcl.models import Adapter, SiteHook, generate, load_model
 from jaxcl.train.config import RunConfig, load as load_config

@@ -53,13 +53,13 @@ def word_tokenizer(texts):
                                    unk_token="<unk>", bos_token="<s>")
 
 
-def tiny_llama(vocab_size: int, seed: int = 0):
+def tiny_llama(vocab_size: int, seed: int = 0, dtype=jnp.float32):
     from jaxcl.models import Llama, LlamaConfig
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, eos_token_id=(1,),
                          pad_token_id=0, initializer_range=0.1)
-    return Llama(config, rngs=nnx.Rngs(seed), dtype=jnp.float32)
+    return Llama(config, rngs=nnx.Rngs(seed), dtype=dtype)
 
 
 def tiny_config(stream_root: str, **overrides) -> dict:
@@ -86,3 +86,59 @@ def tiny_t5(vocab_size: int, seed: int = 0):
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False, scale_decoder_outputs=False,
                       decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
     return T5(config, rngs=nnx.Rngs(seed), dtype=jnp.float32)
+
+
+def tiny_stream(stream_root: str, tokenizer, encoder_decoder: bool = False, **overrides):
+    """The engine's ``pipeline.Stream`` over the tiny tasks (``tiny_config`` plus ``overrides``):
+    method tests read ``TaskInfo.batches`` from it exactly as the loop does."""
+    from jaxcl.data import load_stream
+    from jaxcl.train import config, sharding
+    from jaxcl.train.pipeline import Stream
+
+    cfg = config.from_dict(tiny_config(stream_root, **overrides))
+    tasks = load_stream("cl_benchmark", list(TASKS), stream_root)
+    return Stream.prepare(cfg, tasks, tokenizer, encoder_decoder, sharding.make_mesh(cfg.mesh))
+
+
+def task_info(stream, index: int, model, **fields):
+    """The ``TaskInfo`` the loop gives a method for task ``index`` of ``stream``."""
+    import functools
+
+    from jaxcl.methods import TaskInfo
+
+    return TaskInfo(index, len(stream.tasks), stream.tasks[index].name,
+                    batches=functools.partial(stream.task_batches, [index]),
+                    validation_batches=functools.partial(stream.task_batches, [index], "validation"),
+                    model=model, **fields)
+
+
+class EngineSteps:
+    """The engine's jitted ``train_step`` for ``method`` on ``model`` (the loop's split of the base
+    weights into trained and frozen parts), driven by hand: ``run(state, batches, ctx)``."""
+
+    def __init__(self, method, model, tx, max_targets: int):
+        import functools
+
+        import jax
+        from jaxcl.train import step as jstep
+
+        self.method, self.tx = method, tx
+        self.graphdef, weights = nnx.split(model)
+        self.trained, self.frozen = jstep.split_base(method, nnx.to_pure_dict(weights))
+        self.step = jax.jit(functools.partial(jstep.train_step, graphdef=self.graphdef, method=method,
+                                              make_tx=lambda _: method.optimizer(tx), max_targets=max_targets))
+
+    def run(self, state, batches, ctx, key_seed: int = 0):
+        """``(state after the steps, trained base after them, per-step metrics)``; one step per batch
+        of ``batches`` (each with a leading grad-accumulation axis)."""
+        import jax
+        from jaxcl.methods import MethodState
+        from jaxcl.train import step as jstep
+
+        params = {"method": jax.tree.map(jnp.copy, state.params), "base": jax.tree.map(jnp.copy, self.trained)}
+        tstate = jstep.TrainState(params, self.method.optimizer(self.tx).init(params), ctx)
+        metrics = []
+        for i, batch in enumerate(batches):
+            tstate, m = self.step(tstate, self.frozen, state.fixed, batch, jax.random.PRNGKey(1000 * key_seed + i))
+            metrics.append(m)
+        return MethodState(tstate.params["method"], state.fixed), tstate.params["base"], metrics

@@ -30,7 +30,7 @@ from jaxcl.data.orders import available_orders, load_order, order_format
 from jaxcl.data.scoring import edit_similarity, exact_match, extract_answer, normalize_answer, rouge_l, score
 from jaxcl.data.stream import BUNDLED_ROOT, load_bundled_stream, load_stream
 from jaxcl.data.superni import load_superni_task, superni_prompt
-from jaxcl.data.task import METRICS, DataError, Example, Task, split_validation
+from jaxcl.data.task import METRICS, DataError, DataWarning, Example, Task, split_validation
 from jaxcl.data.tokenization import BatchSpec, TokenizedExample, make_batch_spec, tokenize_example, tokenize_examples
 from jaxcl.data.trace import TRACE_METRICS, load_trace_task
 
@@ -38,6 +38,7 @@ __all__ = [
     "BUNDLED_ROOT",
     "BatchSpec",
     "DataError",
+    "DataWarning",
     "Example",
     "INSTRUCTIONS",
     "METRICS",

@@ -67,12 +67,18 @@ def pad_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, left: bool
     return ids, mask
 
 
-def collate_train(rows: Sequence[TokenizedExample], real: np.ndarray, spec: BatchSpec) -> dict[str, np.ndarray]:
-    """A training batch from tokenized rows; ``real`` [B] bool is False on filler rows."""
+def collate_train(rows: Sequence[TokenizedExample], real: np.ndarray, spec: BatchSpec,
+                  buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """A training batch from tokenized rows; ``real`` [B] bool is False on filler rows.
+
+    ``buckets``: the padded lengths allowed (decoder: whole rows; seq2seq: sources), by default
+    ``train_buckets(spec)``; a run fixes a few for its whole stream so its step compiles once each.
+    """
     weight = np.asarray(real, np.float32)[:, None]
+    buckets = train_buckets(spec) if buckets is None else buckets
     if spec.kind == "decoder":
         seqs = [np.concatenate([r.prompt, r.answer]) for r in rows]
-        length = bucket_for(max(len(s) for s in seqs), train_buckets(spec))
+        length = bucket_for(max(len(s) for s in seqs), buckets)
         input_ids, attention_mask = pad_rows(seqs, length, spec.pad_id)
         answer_flags = [np.repeat(np.int32([0, 1]), [len(r.prompt), len(r.answer)]) for r in rows]
         loss_mask = pad_rows(answer_flags, length, 0)[0].astype(np.float32) * weight
@@ -83,8 +89,8 @@ def collate_train(rows: Sequence[TokenizedExample], real: np.ndarray, spec: Batc
             "position_ids": position_ids,
             "loss_mask": loss_mask,
         }
-    source_len = bucket_for(max(len(r.prompt) for r in rows), train_buckets(spec))
-    target_len = bucket_for(max(len(r.answer) for r in rows), bucket_lengths(spec.max_answer_len, spec.bucket_multiple))
+    source_len = bucket_for(max(len(r.prompt) for r in rows), buckets)
+    target_len = spec.max_answer_len  # one decoder length per run: answers are short
     input_ids, attention_mask = pad_rows([r.prompt for r in rows], source_len, spec.pad_id)
     labels, decoder_mask = pad_rows([r.answer for r in rows], target_len, spec.pad_id)
     start = np.full((len(rows), 1), spec.decoder_start_id, np.int32)
@@ -99,9 +105,12 @@ def collate_train(rows: Sequence[TokenizedExample], real: np.ndarray, spec: Batc
     }
 
 
-def collate_eval(rows: Sequence[TokenizedExample], spec: BatchSpec) -> dict[str, np.ndarray]:
-    """A generation batch of prompts: left-padded for decoder-only, right-padded for seq2seq."""
-    length = bucket_for(max(len(r.prompt) for r in rows), bucket_lengths(spec.max_prompt_len, spec.bucket_multiple))
+def collate_eval(rows: Sequence[TokenizedExample], spec: BatchSpec,
+                 buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """A generation batch of prompts: left-padded for decoder-only, right-padded for seq2seq
+    (``buckets``: the padded lengths allowed, by default every multiple of ``spec.bucket_multiple``)."""
+    buckets = bucket_lengths(spec.max_prompt_len, spec.bucket_multiple) if buckets is None else buckets
+    length = bucket_for(max(len(r.prompt) for r in rows), buckets)
     left = spec.kind == "decoder"
     input_ids, attention_mask = pad_rows([r.prompt for r in rows], length, spec.pad_id, left=left)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -111,7 +120,7 @@ def collate_eval(rows: Sequence[TokenizedExample], spec: BatchSpec) -> dict[str,
 
 
 def eval_batches(
-    tokenized: Sequence[TokenizedExample], batch_size: int, spec: BatchSpec
+    tokenized: Sequence[TokenizedExample], batch_size: int, spec: BatchSpec, buckets: Sequence[int] | None = None
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Yields ``(indices, batch)`` over ``tokenized`` in its original order.
 
@@ -123,7 +132,7 @@ def eval_batches(
     for start in range(0, len(tokenized), batch_size):
         indices = np.arange(start, min(start + batch_size, len(tokenized)))
         rows = [tokenized[i] for i in indices] + [tokenized[indices[-1]]] * (batch_size - len(indices))
-        yield indices, collate_eval(rows, spec)
+        yield indices, collate_eval(rows, spec, buckets)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -184,6 +193,7 @@ def train_batch(
     step: int,
     spec: BatchSpec,
     chunk_batches: int = 50,
+    buckets: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """The training batch of step ``step``: a pure function of ``(tokenized, seed, step)``.
 
@@ -191,7 +201,7 @@ def train_batch(
     ``tokenized`` each row holds (callers map it to per-example facts such as the task id).
     """
     indices, real = train_indices(_lengths(tokenized), batch_size, seed, step, chunk_batches)
-    batch = collate_train([tokenized[i] for i in indices], real, spec)
+    batch = collate_train([tokenized[i] for i in indices], real, spec, buckets)
     return dict(batch, example_index=np.asarray(indices, np.int32))
 
 
@@ -210,6 +220,7 @@ def replay_batch(
     step: int,
     spec: BatchSpec,
     chunk_batches: int = 50,
+    buckets: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """A training batch mixing the current task with examples replayed from a memory.
 
@@ -229,6 +240,6 @@ def replay_batch(
     rng = np.random.default_rng([seed, _REPLAY_STREAM, step])
     picked = rng.choice(len(memory), replayed, replace=len(memory) < replayed) if replayed else []
     rows = [current[i] for i in indices] + [memory[i] for i in picked]
-    batch = collate_train(rows, np.concatenate([real, np.ones(replayed, bool)]), spec)
+    batch = collate_train(rows, np.concatenate([real, np.ones(replayed, bool)]), spec, buckets)
     example_index = np.concatenate([indices, len(current) + np.asarray(picked, np.int64)]).astype(np.int32)
     return dict(batch, example_index=example_index)

@@ -44,7 +44,11 @@ def _rouge_scorer():
 def rouge_l(pred: str, gold: str) -> float:
     """ROUGE-L F-measure in [0, 1] from ``rouge-score`` (Porter stemming, its default tokenizer).
 
-    The package's tokenizer keeps only ``[a-z0-9]`` runs, so non-ASCII letters are dropped.
+    This is SAPT's SuperNI metric (``src/compute_metrics.py``, from Super-NaturalInstructions):
+    ``rougeL`` over the whole text (not ``rougeLsum``, which splits at newlines), Porter stemming of
+    words over 3 characters, no other normalisation (the tokenizer lower-cases and keeps only
+    ``[a-z0-9]`` runs, so non-ASCII letters are dropped, as in SAPT's default track), averaged x 100
+    by :func:`score`.
     """
     return _rouge_scorer().score(gold, pred)["rougeL"].fmeasure
 

@@ -4,6 +4,14 @@ Each split file is a SuperNI task object: ``"Definition"`` (a string or a list w
 used) and ``"Instances": [{"input": str, "output": str | [str, ...]}]``. When ``output`` is a list,
 the first entry is the training answer and all entries are kept as scoring references. Tasks are
 scored with ROUGE-L.
+
+The prompt is the one SAPT feeds its models for SuperNI (``src/cl_dataset.py`` with
+``add_task_name``/``add_dataset_name`` False, as its SuperNI scripts set them): the stripped
+definition, the input verbatim, and the ``Output: `` cue. One difference is kept on purpose: for an
+instance with several gold outputs (quoref: 17 of 100 test instances, glucose: 23 of 100), SAPT trains
+on and scores against one output drawn at random, jaxcl trains on the first and scores the best
+match over all of them (Super-NaturalInstructions' own rule), which is deterministic and can only
+score higher.
 """
 
 from __future__ import annotations

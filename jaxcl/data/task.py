@@ -17,6 +17,10 @@ class DataError(ValueError):
     """
 
 
+class DataWarning(UserWarning):
+    """A published benchmark file holds examples jaxcl leaves out (the message names the file and count)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One prompt/answer pair.

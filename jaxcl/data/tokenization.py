@@ -8,11 +8,15 @@ explicitly: a leading BOS (Llama-style tokenizers) goes before every prompt, and
 (T5-style) ends every encoder-decoder source.
 
 Decoder-only layout: ``ids = prompt + answer + [eos]``. The answer follows the prompt after one
-space unless the prompt already ends in whitespace ("Answer:" + " cold"; SuperNI's "Output: " +
-"POS"). Its ids are those of the joined text past the prompt's ids (or of the answer alone when
-the joined ids do not start with the prompt's), so the prompt/answer boundary is exact and the
-answer is tokenized as in running text. Encoder-decoder layout: source = prompt (+ EOS if the tokenizer appends it),
-target = answer + [eos].
+space unless the prompt already ends in whitespace ("Answer:" + " cold"). Trailing spaces of a
+prompt are tokenized with the answer (SuperNI's "Output: " + "POS" is "Output:" | " POS"): byte-level
+BPE and SentencePiece tokenizers attach a space to the word after it, so a prompt ending in a space
+would end in a lone space token and the answer would start with a word piece the model never sees
+after a space in running text; the text of prompt + answer is unchanged. The answer's ids are those
+of the joined text past the prompt's ids (or of the answer alone when the joined ids do not start
+with the prompt's), so the prompt/answer boundary is exact and the answer is tokenized as in running
+text. Encoder-decoder layout: source = prompt (+ EOS if the tokenizer appends it), target = answer +
+[eos].
 
 Over-long prompts keep their first and last tokens and drop the middle: the instruction and
 options sit at the start and the answer cue (``\\nAnswer:``) at the end, so both survive. Over-long
@@ -140,20 +144,34 @@ def truncate_middle(ids: Sequence[int], limit: int) -> list[int]:
 
 def tokenize_example(example: Example, tokenizer, spec: BatchSpec) -> TokenizedExample:
     """Token ids of one example under ``spec`` (see the module docstring for the layout)."""
-    prompt_ids = encode(tokenizer, example.prompt)
+    prompt_text, answer_text = example.prompt, example.answer
+    if spec.kind == "decoder":
+        prompt_text, answer_text = _decoder_texts(prompt_text, answer_text)
+    prompt_ids = encode(tokenizer, prompt_text)
     budget = spec.max_prompt_len - len(spec.prompt_prefix) - len(spec.prompt_suffix)
     prompt = list(spec.prompt_prefix) + truncate_middle(prompt_ids, budget) + list(spec.prompt_suffix)
-    answer = _answer_ids(tokenizer, example, prompt_ids, spec.kind)[: spec.max_answer_len - 1] + [spec.eos_id]
+    if spec.kind == "decoder":
+        answer_ids = _running_text_ids(tokenizer, prompt_text, answer_text, prompt_ids)
+    else:
+        answer_ids = encode(tokenizer, answer_text)
+    answer = answer_ids[: spec.max_answer_len - 1] + [spec.eos_id]
     return TokenizedExample(np.asarray(prompt, np.int32), np.asarray(answer, np.int32))
 
 
-def _answer_ids(tokenizer, example: Example, prompt_ids: list[int], kind: str) -> list[int]:
-    """The answer's ids as they appear after the prompt (decoder) or on their own (seq2seq)."""
-    if kind == "seq2seq":
-        return encode(tokenizer, example.answer)
-    prompt, answer = example.prompt, example.answer
+def _decoder_texts(prompt: str, answer: str) -> tuple[str, str]:
+    """The texts a decoder-only example is cut into: ``(prompt, answer)`` whose concatenation is
+    the prompt, one separating space where the prompt ends in no whitespace, and the answer; the
+    prompt's trailing spaces move to the answer (see the module docstring)."""
+    core = prompt.rstrip(" ")
+    if core != prompt:
+        return core, prompt[len(core):] + answer
     if prompt and not prompt[-1].isspace() and not answer[:1].isspace():
-        answer = " " + answer
+        return prompt, " " + answer
+    return prompt, answer
+
+
+def _running_text_ids(tokenizer, prompt: str, answer: str, prompt_ids: list[int]) -> list[int]:
+    """The answer's ids as they appear after the prompt in the joined text."""
     # The joined text gives the ids of running text (a SentencePiece tokenizer would encode a lone
     # " cold" with two spaces); when they do not start with the prompt's ids, encode the answer alone.
     joined = encode(tokenizer, prompt + answer)

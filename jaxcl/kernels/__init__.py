@@ -1,4 +1,6 @@
-"""Pure math kernels of jaxcl: jnp functions, no Flax, no I/O (DESIGN §5).
+"""Pure math kernels of jaxcl: jnp functions, no Flax, no I/O.
+
+Metric definitions: docs/metrics.md.
 
 Use them as ``jaxcl.kernels.rls.update``, ``jaxcl.kernels.lora.apply``, ...
 """

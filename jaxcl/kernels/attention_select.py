@@ -8,11 +8,18 @@ are ``softmax(K q / sqrt(d))``. Tasks not trained yet are masked out so they get
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-QueryParams = dict  # {"w_down": (d, h), "w_up": (h, d), "ln_scale": (d,), "ln_bias": (d,)}
+class QueryParams(NamedTuple):
+    """The query network: ``w_down (d, h)``, ``w_up (h, d)``, LayerNorm ``ln_scale (d,)``, ``ln_bias (d,)``."""
+
+    w_down: jax.Array
+    w_up: jax.Array
+    ln_scale: jax.Array
+    ln_bias: jax.Array
 
 
 def query_init(key: jax.Array, d: int, bottleneck: int = 100, dtype=jnp.float32) -> QueryParams:
@@ -28,16 +35,16 @@ def query_init(key: jax.Array, d: int, bottleneck: int = 100, dtype=jnp.float32)
       dtype: parameter dtype.
 
     Returns:
-      ``{"w_down": (d, h), "w_up": (h, d), "ln_scale": (d,), "ln_bias": (d,)}``.
+      ``QueryParams(w_down (d, h), w_up (h, d), ln_scale (d,), ln_bias (d,))``.
     """
     k_down, k_up = jax.random.split(key)
     bound_down, bound_up = 1.0 / math.sqrt(d), 1.0 / math.sqrt(bottleneck)
-    return {
-        "w_down": jax.random.uniform(k_down, (d, bottleneck), dtype, -bound_down, bound_down),
-        "w_up": jax.random.uniform(k_up, (bottleneck, d), dtype, -bound_up, bound_up),
-        "ln_scale": jnp.ones((d,), dtype),
-        "ln_bias": jnp.zeros((d,), dtype),
-    }
+    return QueryParams(
+        w_down=jax.random.uniform(k_down, (d, bottleneck), dtype, -bound_down, bound_down),
+        w_up=jax.random.uniform(k_up, (bottleneck, d), dtype, -bound_up, bound_up),
+        ln_scale=jnp.ones((d,), dtype),
+        ln_bias=jnp.zeros((d,), dtype),
+    )
 
 
 def task_key_init(key: jax.Array, d: int, dtype=jnp.float32) -> jax.Array:
@@ -65,10 +72,10 @@ def query(params: QueryParams, e: jax.Array, eps: float = 1e-5) -> jax.Array:
     Returns:
       ``(..., d)`` queries.
     """
-    h = jax.nn.silu((e @ params["w_down"]) @ params["w_up"])
+    h = jax.nn.silu((e @ params.w_down) @ params.w_up)
     mean = jnp.mean(h, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-    return (h - mean) * jax.lax.rsqrt(var + eps) * params["ln_scale"] + params["ln_bias"]
+    return (h - mean) * jax.lax.rsqrt(var + eps) * params.ln_scale + params.ln_bias
 
 
 def attention_logits(keys: jax.Array, q: jax.Array, active: jax.Array | None = None) -> jax.Array:

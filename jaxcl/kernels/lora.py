@@ -42,6 +42,26 @@ def init(key: jax.Array, d_in: int, d_out: int, rank: int, dtype=jnp.float32) ->
     return {"a": a, "b": b}
 
 
+def dropout(key: jax.Array | None, x: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout on adapter inputs: each entry zeroed with probability ``rate``, kept ones
+    scaled by ``1 / (1 - rate)`` (as ``torch.nn.Dropout``). ``key=None`` or ``rate == 0``: ``x``.
+
+    Examples:
+      >>> x = jnp.ones((2, 3))
+      >>> bool((dropout(None, x, 0.5) == x).all())
+      True
+      >>> y = dropout(jax.random.PRNGKey(0), x, 0.5)
+      >>> sorted(set(y.ravel().tolist())) in ([0.0, 2.0], [0.0], [2.0])
+      True
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"lora.dropout: rate must be in [0, 1), got {rate}")
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 def apply(
     params: LoRAParams,
     x: jax.Array,
@@ -62,21 +82,62 @@ def apply(
       alpha: LoRA alpha.
       rank: the rank r used in the scale ``alpha / r`` (per adapter, not the concatenated total).
       dropout_key: PRNG key for input dropout; ``None`` disables dropout.
-      rate: dropout probability in [0, 1) (a Python float; inverted dropout, kept inputs are scaled by
-        ``1 / (1 - rate)`` as in torch).
+      rate: dropout probability in [0, 1) (inverted dropout, see :func:`dropout`).
 
     Returns:
       ``(..., d_out)`` in ``x.dtype``.
+
+    Examples:
+      >>> p = init(jax.random.PRNGKey(0), d_in=4, d_out=3, rank=2)
+      >>> apply(p, jnp.ones((5, 4)), alpha=16.0, rank=2).shape    # b starts at zero
+      (5, 3)
+      >>> float(jnp.abs(apply(p, jnp.ones((5, 4)), 16.0, 2)).max())
+      0.0
+
+    References:
+      Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, 2021. https://arxiv.org/abs/2106.09685
     """
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"lora.apply: dropout rate must be in [0, 1), got {rate}")
     a = params["a"].astype(x.dtype)
     b = params["b"].astype(x.dtype)
-    if dropout_key is not None and rate > 0.0:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    x = dropout(dropout_key, x, rate)
     scale = jnp.asarray(alpha / rank, x.dtype)
     return ((x @ a.T) @ b.T) * scale
+
+
+def apply_bank(a: jax.Array, b: jax.Array, x: jax.Array, alpha: float, rank: int,
+               weights: jax.Array | None = None) -> jax.Array:
+    """The weighted sum of a bank of T LoRAs, ``(alpha/rank) Σ_t w_t (x a_tᵀ) b_tᵀ``.
+
+    Per-example weights mix the adapters (SAPT's attention, a router's one-hot choice); without
+    weights every adapter counts once (IncLoRA, O-LoRA). Merged weights are never formed.
+
+    Args:
+      a: ``(T, r, d_in)`` the bank's A matrices.
+      b: ``(T, d_out, r)`` its B matrices.
+      x: ``(B, ..., d_in)`` inputs.
+      alpha, rank: the LoRA scale ``alpha / rank``.
+      weights: ``(B, T)`` per-example weight of each adapter, or None (all ones).
+
+    Returns:
+      ``(B, ..., d_out)`` in ``x.dtype``.
+
+    Examples:
+      >>> ps = [init(k, 4, 3, 2) for k in jax.random.split(jax.random.PRNGKey(0), 2)]
+      >>> ps = [dict(p, b=jnp.ones((3, 2))) for p in ps]
+      >>> a, b = jnp.stack([p["a"] for p in ps]), jnp.stack([p["b"] for p in ps])
+      >>> x = jnp.ones((1, 4))
+      >>> both = apply(ps[0], x, 8.0, 2) + apply(ps[1], x, 8.0, 2)
+      >>> bool(jnp.allclose(apply_bank(a, b, x, 8.0, 2), both))
+      True
+      >>> only_first = apply_bank(a, b, x, 8.0, 2, weights=jnp.array([[1.0, 0.0]]))
+      >>> bool(jnp.allclose(only_first, apply(ps[0], x, 8.0, 2)))
+      True
+    """
+    h = jnp.einsum("...d,trd->...tr", x, a.astype(x.dtype))
+    if weights is not None:
+        w = weights.astype(x.dtype)
+        h = h * w.reshape(w.shape[:1] + (1,) * (h.ndim - 3) + w.shape[1:] + (1,))
+    return jnp.asarray(alpha / rank, x.dtype) * jnp.einsum("...tr,tor->...o", h, b.astype(x.dtype))
 
 
 def merge(w: jax.Array, params: LoRAParams, alpha: float, rank: int) -> jax.Array:

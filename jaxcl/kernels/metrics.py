@@ -1,7 +1,7 @@
 """Continual-learning metrics from an accuracy matrix.
 
 ``a[i][j]`` is the score (in %) on task j after training task i, for T tasks in training order
-(0-indexed here; DESIGN §5 writes the same formulas 1-indexed). ``b[j]`` is the base model's score on
+(0-indexed here; docs/metrics.md writes the same formulas 1-indexed). ``b[j]`` is the base model's score on
 task j before any training. Entries a metric does not read may be NaN (e.g. an upper triangle that was
 never evaluated); entries it reads must be finite.
 
@@ -97,7 +97,7 @@ def forgetting(a) -> float:
     """Average forgetting: ``1/(T-1) Σ_{j<T-1} max_{j<=l<T-1} (a[l][j] − a[T-1][j])``.
 
     The maximum runs over the rows after task j was trained (l >= j): a score measured before the
-    model ever saw task j is not something it can forget. DESIGN §5 writes ``max_{l<T}``; the two agree
+    model ever saw task j is not something it can forget. A maximum over all ``l<T`` agrees with it
     whenever the upper triangle is not above the learned scores, e.g. SAPT's zero-padded matrices.
 
     Args:

@@ -30,14 +30,15 @@ class RLSState(NamedTuple):
     W: jax.Array
 
 
-def init(dim: int, n_out: int, gamma: float, dtype=jnp.float32) -> RLSState:
+def init(dim: int, n_out: int, gamma: float, dtype=None) -> RLSState:
     """Creates the state of a ridge regression that has seen no data.
 
     Args:
       dim: feature dimension.
       n_out: number of output columns (0 is allowed; see :func:`add_outputs`).
       gamma: ridge strength γ > 0.
-      dtype: dtype of R and W.
+      dtype: dtype of R and W; by default JAX's default float dtype (float32, or float64 under
+        ``jax_enable_x64``), as ``jnp.zeros`` would give.
 
     Returns:
       ``RLSState(R=I/γ, W=0)`` with shapes ``(dim, dim)`` and ``(dim, n_out)``.
@@ -46,6 +47,8 @@ def init(dim: int, n_out: int, gamma: float, dtype=jnp.float32) -> RLSState:
         raise ValueError(f"rls.init: expected dim > 0 and n_out >= 0, got {dim=}, {n_out=}")
     if not gamma > 0:
         raise ValueError(f"rls.init: gamma must be > 0, got {gamma}")
+    if dtype is None:  # read at call time, so a later jax_enable_x64 counts
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     return RLSState(R=jnp.eye(dim, dtype=dtype) / gamma, W=jnp.zeros((dim, n_out), dtype))
 
 

@@ -95,6 +95,39 @@ def drop_gradients(key: jax.Array, grads, mask, keep_prob, rescale: bool = False
     return treedef.unflatten([drop(k, g, m) for k, g, m in zip(keys, leaves, masks)])
 
 
+def info_nce_per_anchor(z: jax.Array, labels: jax.Array, temperature: float = 0.07) -> jax.Array:
+    """The supervised contrastive loss of each anchor (SupCon), ``(N,)``.
+
+    Every row of ``z`` (L2-normalised here) is an anchor; its positives are the other rows with the
+    same label, and its softmax runs over all N − 1 other rows:
+    ``loss_i = −(1/|P(i)|) Σ_{p∈P(i)} log [exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ)]``.
+    Per-anchor terms make per-example gradients (and so MIST's Fisher scores) possible.
+
+    Args:
+      z: ``(N, D)`` embeddings, e.g. two views of B examples stacked (N = 2B).
+      labels: ``(N,)`` integer labels; every row needs at least one positive.
+      temperature: softmax temperature τ.
+
+    Returns:
+      ``(N,)`` losses, computed in at least float32.
+
+    Examples:
+      >>> z = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
+      >>> per = info_nce_per_anchor(z, jnp.array([0, 1, 0, 1]))
+      >>> per.shape, bool((per < 0.01).all())     # aligned views: near-zero loss
+      ((4,), True)
+    """
+    if z.ndim != 2 or labels.shape != (z.shape[0],):
+        raise ValueError(f"sensitivity.info_nce_per_anchor: need z (N, D) and labels (N,); got {z.shape}, {labels.shape}")
+    dtype = jnp.promote_types(z.dtype, jnp.float32)
+    z = z.astype(dtype)
+    z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), jnp.finfo(dtype).tiny)
+    others = ~jnp.eye(z.shape[0], dtype=bool)
+    positives = (labels[:, None] == labels[None, :]) & others
+    log_prob = jax.nn.log_softmax((z @ z.T) / temperature, axis=-1, where=others)
+    return -jnp.sum(jnp.where(positives, log_prob, 0.0), axis=-1) / jnp.sum(positives, axis=-1)
+
+
 def info_nce(z1: jax.Array, z2: jax.Array, labels: jax.Array, temperature: float = 0.07) -> jax.Array:
     """Supervised contrastive loss (SupCon) over two views of a batch.
 
@@ -117,12 +150,4 @@ def info_nce(z1: jax.Array, z2: jax.Array, labels: jax.Array, temperature: float
         raise ValueError(
             f"sensitivity.info_nce: need z1, z2 (B, D) and labels (B,); got {z1.shape}, {z2.shape}, {labels.shape}"
         )
-    dtype = jnp.promote_types(z1.dtype, jnp.float32)
-    z = jnp.concatenate([z1, z2]).astype(dtype)
-    z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), jnp.finfo(dtype).tiny)
-    both = jnp.concatenate([labels, labels])
-    others = ~jnp.eye(z.shape[0], dtype=bool)
-    positives = (both[:, None] == both[None, :]) & others
-    log_prob = jax.nn.log_softmax((z @ z.T) / temperature, axis=-1, where=others)
-    mean_pos = jnp.sum(jnp.where(positives, log_prob, 0.0), axis=-1) / jnp.sum(positives, axis=-1)
-    return -jnp.mean(mean_pos)
+    return jnp.mean(info_nce_per_anchor(jnp.concatenate([z1, z2]), jnp.concatenate([labels, labels]), temperature))

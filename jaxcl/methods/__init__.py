@@ -1,7 +1,13 @@
 """Continual-learning methods, one file each, built by name.
 
-``build("olora", {"lambda1": 0.5})`` returns ``(method, replay)`` where ``replay`` is a
-``ReplayConfig`` for names of the form ``replay+<method>`` (and for plain ``replay``), else None.
+``build("olora", {"lambda1": 0.5})`` returns the method; ``replay+<method>`` and ``mist+<method>``
+wrap the inner method (their options are the ``replay_*`` / ``mist_*`` keys), and plain ``replay``
+is ``replay+seq_lora``. PEFT's names are accepted for the LoRA options: ``r`` (rank),
+``lora_alpha`` (alpha), ``lora_dropout`` (dropout) and ``target_modules`` (sites).
+
+Adding a method: one file with a final frozen dataclass subclassing ``Method`` (typed state made by
+``axes.logical``), its line in ``REGISTRY`` below, and its tests (``tests/methods/test_contract.py``
+runs every registered method through the common contract).
 """
 from __future__ import annotations
 
@@ -11,71 +17,69 @@ import typing
 from typing import Optional
 
 from jaxcl.methods.any_ssr import AnySSR
-from jaxcl.methods.base import Method, TaskInfo
+from jaxcl.methods.base import Method, MethodState, ModelInfo, ReplaySpec, StepContext, TaskInfo, Wrapper
 from jaxcl.methods.inc_lora import IncLoRA
-from jaxcl.methods.lora_bank import LoRABank
+from jaxcl.methods.l2_lora import L2LoRA
 from jaxcl.methods.mist import MIST
 from jaxcl.methods.mtl import MTL
 from jaxcl.methods.oa_adapter import OAAdapter
 from jaxcl.methods.olora import OLoRA
 from jaxcl.methods.per_task import PerTask
-from jaxcl.methods.replay import ReplayConfig
+from jaxcl.methods.replay import Replay
 from jaxcl.methods.sapt import SAPT
-from jaxcl.methods.seq_ft import SeqFT
+from jaxcl.methods.seq_ft import BaseModel, SeqFT
 from jaxcl.methods.seq_lora import SeqLoRA
 from jaxcl.methods.smat import SMAT
 
-REGISTRY = {m.name: m for m in (SeqFT, SeqLoRA, IncLoRA, OLoRA, MTL, PerTask, AnySSR, OAAdapter, SAPT, SMAT)}
+REGISTRY = {m.name: m for m in (SeqFT, SeqLoRA, IncLoRA, OLoRA, L2LoRA, MTL, PerTask, AnySSR, OAAdapter, SAPT, SMAT)}
+WRAPPERS = {"replay": Replay, "mist": MIST}
+PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "sites"}
 
 
 class MethodError(ValueError):
     """Unknown method name or bad method argument."""
 
 
-def build(name: str, args: Optional[dict] = None) -> tuple[Method, Optional[ReplayConfig]]:
+def build(name: str, args: Optional[dict] = None) -> Method:
+    """The method ``name`` (``olora``, ``replay+olora``, ``mist+any_ssr``, ...) with ``args``.
+
+    Raises:
+      MethodError: naming the unknown method or the bad argument.
+    """
     args = dict(args or {})
-    replay = None
-    if getattr(REGISTRY.get(name), "episodic", False):
-        name = "replay+" + name  # trains over the tasks seen so far (SMAT): replay is part of the method
-    if name == "replay" or name.startswith("replay+"):
-        name = name.partition("+")[2] or "seq_lora"
-        replay_args = {k[len("replay_"):]: args.pop(k) for k in list(args) if k.startswith("replay_")}
-        try:
-            replay = ReplayConfig(**replay_args)
-        except TypeError as e:
-            raise MethodError(f"method_args: bad replay option ({e}); known: replay_fraction, replay_per_task") from None
-    mist_args = None
-    if name.startswith("mist+"):
-        name = name[len("mist+"):]
-        mist_args = {k[len("mist_"):]: args.pop(k) for k in list(args) if k.startswith("mist_")}
+    prefix, plus, rest = name.partition("+")
+    if prefix in WRAPPERS:
+        wrapper = WRAPPERS[prefix]
+        mine = {k[len(prefix) + 1:]: args.pop(k) for k in list(args) if k.startswith(prefix + "_")}
+        if "inner" in mine:
+            raise MethodError(f"method_args.{prefix}_inner: not an option of {prefix}; the wrapped method is "
+                              f"named in the method name ({prefix}+<method>)")
+        inner = build(rest if plus else "seq_lora", args)
+        return _construct(wrapper, dict(mine, inner=inner), f"{prefix}_", prefix)
     if name not in REGISTRY:
-        raise MethodError(f"unknown method {name!r}; known: {sorted(REGISTRY)} (and replay+<method>, mist+<method>)")
-    cls = REGISTRY[name]
+        raise MethodError(f"unknown method {name!r}; known: {sorted(REGISTRY)} "
+                          f"(and {', '.join(w + '+<method>' for w in WRAPPERS)})")
+    for peft, ours in PEFT_NAMES.items():
+        if peft in args:
+            if ours in args:
+                raise MethodError(f"method_args: give {peft!r} or {ours!r}, not both")
+            args[ours] = args.pop(peft)
+    return _construct(REGISTRY[name], args, "", name)
+
+
+def _construct(cls: type, args: dict, prefix: str, name: str) -> Method:
     hints = typing.get_type_hints(cls)
-    fields = sorted(f.name for f in dataclasses.fields(cls))
+    fields = sorted(f.name for f in dataclasses.fields(cls) if f.name != "inner")
     for k, v in args.items():
+        if k == "inner":
+            continue
         if k not in fields:
-            raise MethodError(f"method_args.{k}: not an option of {name}; known: {fields}")
-        args[k] = _typed(v, hints[k], f"method_args.{k}")
+            raise MethodError(f"method_args.{prefix}{k}: not an option of {name}; known: {[prefix + f for f in fields]}")
+        args[k] = _typed(v, hints[k], f"method_args.{prefix}{k}")
     try:
-        method = cls(**args)
+        return cls(**args)
     except (TypeError, ValueError) as e:
         raise MethodError(f"method_args for {name}: {e}") from None
-    return (method if mist_args is None else _mist(method, mist_args)), replay
-
-
-def _mist(inner: Method, options: dict) -> MIST:
-    """``inner`` wrapped in MIST with the ``mist_*`` options (prefix removed)."""
-    hints = typing.get_type_hints(MIST)
-    known = sorted(f.name for f in dataclasses.fields(MIST) if f.name != "inner")
-    for k, v in options.items():
-        if k not in known:
-            raise MethodError(f"method_args.mist_{k}: not a MIST option; known: {['mist_' + f for f in known]}")
-        options[k] = _typed(v, hints[k], f"method_args.mist_{k}")
-    try:
-        return MIST.wrap(inner, **options)
-    except (TypeError, ValueError) as e:
-        raise MethodError(f"method_args for mist: {e}") from None
 
 
 def _typed(value, tp, where: str):
@@ -85,6 +89,8 @@ def _typed(value, tp, where: str):
         if value is None and type(None) in options:
             return None
         (tp,) = [t for t in options if t is not type(None)]
+    if tp is tuple and isinstance(value, str):
+        return (value,)
     if tp is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -94,5 +100,6 @@ def _typed(value, tp, where: str):
     raise MethodError(f"{where}: expected {tp.__name__}, got {value!r}")
 
 
-__all__ = ["Method", "TaskInfo", "LoRABank", "SeqFT", "SeqLoRA", "IncLoRA", "OLoRA", "MTL", "PerTask",
-           "AnySSR", "OAAdapter", "SAPT", "MIST", "SMAT", "ReplayConfig", "REGISTRY", "build", "MethodError"]
+__all__ = ["Method", "MethodState", "ModelInfo", "ReplaySpec", "StepContext", "TaskInfo", "Wrapper", "BaseModel",
+           "SeqFT", "SeqLoRA", "IncLoRA", "OLoRA", "L2LoRA", "MTL", "PerTask", "AnySSR", "OAAdapter", "SAPT", "MIST",
+           "SMAT", "Replay", "REGISTRY", "WRAPPERS", "build", "MethodError"]

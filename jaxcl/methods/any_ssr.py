@@ -1,4 +1,6 @@
-"""Any-SSR: analytic subspace routing (DESIGN §6).
+"""Any-SSR: analytic subspace routing.
+
+Math: docs/any_ssr.md.
 
 The first ``L_f`` layers of the frozen base model are a shared feature extractor. A closed-form
 router on top of them picks, for every example, which task's LoRA the later layers use:
@@ -16,10 +18,11 @@ columns out of the argmax.
 
 Each task trains its own LoRA (q and v, r=8, α=32, dropout 0.1, fresh init) on layers ≥ ``L_f``
 only. The LoRA bank (``lora_bank.py``) stores adapters for every layer so that the model's layer
-scan sees one stacked array per site; a fixed per-layer gate ``fixed["lora_layers"]`` (L,) with zeros
-below ``L_f`` multiplies the ``b`` matrices, so the feature-extractor layers get exactly no LoRA (a
-zero ``b`` adds exactly zero) and their ``a``/``b`` entries get zero gradient — they are allocated but
-never used (``report`` counts only the gated-in layers).
+scan sees one stacked array per site; a per-layer gate (zeros below ``L_f``) multiplies every LoRA's
+output, so the feature-extractor layers get exactly no LoRA and their ``a``/``b`` entries get zero
+gradient — they are allocated but never used (``report`` counts only the gated-in layers).
+``frozen_below`` declares those layers, so a wrapper that tunes the backbone (``mist+any_ssr``)
+leaves them alone and the router's features never drift.
 
 At inference the router runs on the left-padded prompt (mean over ``attention_mask`` tokens) and the
 routed LoRA is used for the prompt and for every generated token, per example inside a batch (the
@@ -30,7 +33,7 @@ Choices where the paper/official code leave room (all dataclass fields):
     ``max(1, round(num_layers * 4 / 32))``.
   - ``expansion_std=0.02``: W_fe ~ N(0, 0.02²), no bias — the official code's ``nn.Linear`` after
     HF's ``post_init`` (LLaMA's initializer_range, zero bias). Its scale matters relative to γ.
-  - ``norm_each_token=False`` follows DESIGN §6 (final-norm of the token mean); ``True`` follows
+  - ``norm_each_token=False`` final-norms the token mean; ``True`` follows
     the official code's order (mean of the final-normed tokens).
   - ``relu=False`` (official code: no activation after the expansion).
 
@@ -38,11 +41,15 @@ Memory (float32): R is ``E²·4`` bytes (E=10000: 400 MB) and W_fe ``d·E·4`` (
 both live in the fixed state, so every Orbax checkpoint holds them too. An RLS block of ``n`` rows
 costs ``O(n·E²)`` flops and an ``(n, E)`` + ``(E, E)`` working set. On small CPUs use a smaller
 ``expansion_dim`` (the CPU demo uses 2048).
+
+References:
+  Any-SSR: analytic subspace routing for continual learning of LLMs (official code:
+  github.com/ZHUANGHP/Any-SSR); recursive least squares: ``jaxcl.kernels.rls``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional, final
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +57,10 @@ import numpy as np
 from flax import nnx
 
 from jaxcl.kernels import rls
-from jaxcl.methods.lora_bank import num_slots
-from jaxcl.methods.per_task import PerTask, one_hot_ctx
+from jaxcl.methods.axes import logical
+from jaxcl.methods.base import Method, MethodState
+from jaxcl.methods.lora_bank import Current, LoRABank, LoRAOptions, Past, begin_incremental, finish_incremental
+from jaxcl.methods.per_task import own_slot_weights
 
 
 def auto_feature_layers(num_layers: int) -> int:
@@ -95,11 +104,30 @@ def _prompt_features_jit(model, w_fe, input_ids, prompt_mask, *, depth, relu, no
     return prompt_features(model, w_fe, input_ids, prompt_mask, depth, relu, norm_each_token)
 
 
+class Router(NamedTuple):
+    """Attributes:
+      w_fe: ``(d, E)`` the frozen random expansion.
+      R: ``(E, E)`` and W: ``(E, T)``: the ridge state (``kernels.rls.RLSState``).
+      seen: ``(T,)`` bool, tasks whose column has been fitted.
+    """
+
+    w_fe: jax.Array
+    R: jax.Array
+    W: jax.Array
+    seen: jax.Array
+
+
+class AnySSRFixed(NamedTuple):
+    past: dict
+    router: Router
+
+
+@final
 @dataclasses.dataclass(frozen=True)
-class AnySSR(PerTask):
+class AnySSR(LoRAOptions, Method):
     """Per-task LoRAs on layers ≥ L_f, routed per example by a closed-form RLS router.
 
-    Attributes (besides the LoRA bank's ``sites, rank, alpha, dropout``):
+    Attributes (besides the LoRA options ``sites, rank, alpha, dropout``):
       feature_layers: L_f, the frozen feature-extractor depth; None = ``auto_feature_layers``.
       expansion_dim: E, width of the random expansion (official 10000).
       expansion_std: standard deviation of W_fe's normal entries.
@@ -110,6 +138,7 @@ class AnySSR(PerTask):
     """
 
     name = "any_ssr"
+    routes = True
     feature_layers: Optional[int] = None
     expansion_dim: int = 10000
     expansion_std: float = 0.02
@@ -119,6 +148,7 @@ class AnySSR(PerTask):
     norm_each_token: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if self.feature_layers is not None and self.feature_layers < 1:
             raise ValueError(f"feature_layers must be >= 1 (or null for auto), got {self.feature_layers}")
         if self.expansion_dim < 1 or self.router_block_size < 1:
@@ -134,79 +164,82 @@ class AnySSR(PerTask):
             raise ValueError(f"feature_layers={depth} leaves no layer for the LoRAs: the model has {num_layers}")
         return depth
 
-    def init(self, key, site_shapes, num_tasks):
-        if "attn.q" not in site_shapes:
+    def frozen_below(self, num_layers):
+        return self.depth(num_layers)
+
+    def init(self, key, model, num_tasks):
+        if model.encoder_decoder:
             raise ValueError("any_ssr needs a decoder-only (Llama-style) model: its router reads the hidden "
-                             f"states of the first layers; this model's sites are {sorted(site_shapes)}")
+                             "states of the first layers")
         key_lora, key_fe = jax.random.split(key)
-        state = super().init(key_lora, site_shapes, num_tasks)
-        num_layers, d_model, _ = site_shapes["attn.q"]
-        gate = (np.arange(num_layers) >= self.depth(num_layers)).astype(np.float32)
-        router = rls.init(self.expansion_dim, num_tasks, self.gamma)
-        fixed = dict(state["fixed"], lora_layers=jnp.asarray(gate), router={
-            "w_fe": self.expansion_std * jax.random.normal(key_fe, (d_model, self.expansion_dim), jnp.float32),
-            "R": router.R, "W": router.W, "seen": jnp.zeros((num_tasks,), bool)})
-        return {"train": state["train"], "fixed": fixed}
+        num_layers = model.site_shapes["attn.q"][0]
+        self.depth(num_layers)
+        state = rls.init(self.expansion_dim, num_tasks, self.gamma, dtype=jnp.float32)
+        w_fe = self.expansion_std * jax.random.normal(key_fe, (model.hidden_size, self.expansion_dim), jnp.float32)
+        router = Router(logical(w_fe, ("embed", "expansion")), logical(state.R, ("expansion", "expansion")),
+                        logical(state.W, ("expansion", "tasks")), logical(jnp.zeros((num_tasks,), bool), ("tasks",)))
+        return MethodState(Current(self.bank.current(key_lora, model)),
+                           AnySSRFixed(self.bank.past(model, num_tasks), router))
+
+    def begin_task(self, key, state, task):
+        return state._replace(params=Current(begin_incremental(self.bank, key, task.index, state.params.lora)))
 
     # -- adapters: the bank, gated to layers >= L_f ----------------------------------------------
+    def _gate(self, state) -> jax.Array:
+        num_layers = next(iter(state.params.lora.values())).a.shape[0]
+        return (jnp.arange(num_layers) >= self.depth(num_layers)).astype(jnp.float32)
+
     def adapter(self, state, ctx, key=None):
-        gate = state["fixed"]["lora_layers"]
+        return self.bank.adapter(state.params.lora, state.fixed.past, ctx, key, layer_gate=self._gate(state))
 
-        def gated(bank):
-            return {site: dict(p, b=p["b"] * gate.reshape((-1,) + (1,) * (p["b"].ndim - 1)).astype(p["b"].dtype))
-                    for site, p in bank.items()}
-
-        gated_state = {"train": dict(state["train"], lora=gated(state["train"]["lora"])),
-                       "fixed": dict(state["fixed"], past=gated(state["fixed"]["past"]))}
-        return super().adapter(gated_state, ctx, key)
+    def train_ctx(self, model, state, batch, step):
+        del model
+        return own_slot_weights(batch["task_ids"], step.task, LoRABank.num_slots(state.fixed.past))
 
     # -- routing ---------------------------------------------------------------------------------
     def _features(self, model, state, input_ids, prompt_mask, jit: bool = False):
-        depth = self.depth(state["fixed"]["lora_layers"].shape[0])
+        depth = self.depth(next(iter(state.params.lora.values())).a.shape[0])
         fn = _prompt_features_jit if jit else prompt_features
         kwargs = {"depth": depth, "relu": self.relu, "norm_each_token": self.norm_each_token}
-        return fn(model, state["fixed"]["router"]["w_fe"], input_ids, prompt_mask, **kwargs)
+        return fn(model, state.fixed.router.w_fe, input_ids, prompt_mask, **kwargs)
 
     def router_scores(self, model, state, batch) -> jax.Array:
         """``(B, T)`` router outputs φW of left-padded prompts; columns of unseen tasks are ``-inf``."""
-        router = state["fixed"]["router"]
+        router = state.fixed.router
         phi = self._features(model, state, batch["input_ids"], batch["attention_mask"])
-        scores = rls.predict(rls.RLSState(router["R"], router["W"]), phi)
-        return jnp.where(router["seen"], scores, -jnp.inf)
+        scores = rls.predict(rls.RLSState(router.R, router.W), phi)
+        return jnp.where(router.seen, scores, -jnp.inf)
 
     def route(self, model, state, batch):
         return jnp.argmax(self.router_scores(model, state, batch), axis=-1).astype(jnp.int32)
 
-    def eval_ctx(self, model, state, batch, task):
-        del task  # routed, not told
-        return one_hot_ctx(self.route(model, state, batch), num_slots(state) + 1)
+    def eval_ctx(self, model, state, batch):
+        # Routed, not told: the task ids of the batch are not read. -1 marks no row as current.
+        return own_slot_weights(self.route(model, state, batch), jnp.int32(-1), LoRABank.num_slots(state.fixed.past))
 
     def end_task(self, state, task):
         if task.model is None or task.batches is None:
             raise ValueError("any_ssr.end_task needs TaskInfo.model and TaskInfo.batches to fit its router")
-        if task.model.is_encoder_decoder:
-            raise ValueError("any_ssr needs a decoder-only model (its router reads model.hidden of the first layers)")
-        state = super().end_task(state, task)
+        past, current = finish_incremental(state.fixed.past, state.params.lora, task.index)
         features = []
         for batch in task.batches():
             prompt = np.asarray(batch["attention_mask"]) * (1 - np.asarray(batch["loss_mask"]))
             phi = self._features(task.model, state, jnp.asarray(batch["input_ids"]), jnp.asarray(prompt), jit=True)
             features.append(np.asarray(phi)[np.asarray(batch["real"], bool)])
         features = np.concatenate(features)
-        router = state["fixed"]["router"]
-        targets = np.zeros((len(features), router["W"].shape[1]), np.float32)
+        router = state.fixed.router
+        targets = np.zeros((len(features), router.W.shape[1]), np.float32)
         targets[:, task.index] = 1.0
-        fitted = rls.update_blocks(rls.RLSState(router["R"], router["W"]), jnp.asarray(features),
+        fitted = rls.update_blocks(rls.RLSState(router.R, router.W), jnp.asarray(features),
                                    jnp.asarray(targets), block_size=self.router_block_size)
-        router = dict(router, R=fitted.R, W=fitted.W, seen=router["seen"].at[task.index].set(True))
-        return {"train": state["train"], "fixed": dict(state["fixed"], router=router)}
+        router = Router(router.w_fe, fitted.R, fitted.W, router.seen.at[task.index].set(True))
+        return MethodState(Current(current), AnySSRFixed(past, router))
 
     def report(self, state):
-        gate = np.asarray(state["fixed"]["lora_layers"])
-        router = state["fixed"]["router"]
-        lora_params = sum(int(gate.sum()) * (p["a"][0].size + p["b"][0].size)
-                          for p in state["train"]["lora"].values())
+        gate = np.asarray(self._gate(state))
+        router = state.fixed.router
+        lora_params = sum(int(gate.sum()) * (l.a[0].size + l.b[0].size) for l in state.params.lora.values())
         return {"feature_layers": int(gate.size - gate.sum()), "num_layers": int(gate.size),
-                "expansion_dim": int(router["w_fe"].shape[1]),
+                "expansion_dim": int(router.w_fe.shape[1]),
                 "lora_params_per_task": lora_params,
-                "router_bytes": int(sum(np.asarray(router[k]).nbytes for k in ("w_fe", "R", "W")))}
+                "router_bytes": int(sum(np.asarray(x).nbytes for x in (router.w_fe, router.R, router.W)))}

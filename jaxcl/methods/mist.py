@@ -1,55 +1,60 @@
 """MIST: mutual-information-guided sparse tuning of the backbone, as a plug-in to any method.
 
+Math: docs/mist.md.
+
 ``MIST(inner=...)`` (config ``mist+<method>``, options as ``mist_*`` keys) runs the inner method
-unchanged and, besides its parameters, also trains a sparse, task-specific part of the backbone
-weights of the sites whose names end with one of ``sites`` (DESIGN §6):
+unchanged and, besides its parameters, trains a sparse, task-specific update of the backbone
+weights at the sites ``sites``:
 
-1. Sensitivity, at ``begin_task``, without updating any weight: the squared gradients of a mutual
-   information objective w.r.t. the site weights, summed over batches of ``batch_size`` training
-   examples and divided by their number (``kernels.sensitivity``): supervised InfoNCE (temperature
-   0.07) between two stochastic views of each prompt — two independent token-drop passes (each
-   prompt token hidden from attention with probability ``token_drop``) — of the mean-pooled final
-   hidden states, passed through a random, frozen projection head (Linear d→d, ReLU, Linear
-   d→``head_dim``) and L2-normalised. Positives are the examples of the batch with the same answer
-   string. The backbone is scored as it is (with the earlier tasks' sparse updates, without the
-   inner method's adapter). T5 pools the encoder output and adds the decoder's hidden state at its
-   start token, so that decoder weights get scores too — all but the decoder self-attention's q and
-   k, which a single token cannot reach (their scores are 0 and the mask falls back to the first
-   entries: leave them out of ``sites`` for T5).
-2. Mask: per weight matrix (every layer's slice of a stacked site weight), the entries whose score is
-   ≥ the (1 − ``fraction``) quantile (``sensitivity.topk_mask``: exactly ``round(fraction · size)``).
-3. Sparse tuning: the site weights are trainable base leaves (``base_trainable``) and
-   ``transform_grads`` zeroes their gradient outside the mask, keeps each masked entry with
-   probability ``keep_prob`` (= 1 − p, p = 0.9: ``sensitivity.drop_gradients``) and scales it by
-   ``decay ** (number of earlier tasks whose mask held the entry)``.
+1. **Sensitivity**, at ``begin_task``, without updating any weight: an empirical Fisher score per
+   weight entry, the sum over the task's training examples of the *per-example* squared gradient of
+   a mutual-information objective. The objective is supervised InfoNCE (temperature 0.07) between
+   two stochastic views of each prompt — two independent token-drop passes (each prompt token
+   hidden from attention with probability ``token_drop``) — of the mean-pooled final hidden states,
+   passed through a random, frozen projection head (Linear d→d, ReLU, Linear d→``head_dim``) and
+   L2-normalised; positives are the rows with the same answer string. Example i's term is the loss
+   of its two views as anchors, with the other examples' embeddings held fixed (they are its
+   contrast set), so the gradients of different examples never mix before they are squared. The
+   backbone is scored as it is (with the earlier tasks' sparse updates, without the inner method's
+   adapter), always with masked attention: the token-drop views have holes that the fused
+   attention paths cannot express. T5 pools the encoder output and adds the decoder's hidden state
+   at its start token, so that decoder weights get scores too — all but the decoder
+   self-attention's q and k, which a single token cannot reach (leave them out of ``sites``).
+2. **Mask**: per weight matrix (every layer's slice of a stacked site weight), the
+   ``n = round(fraction · d_in · d_out)`` entries with the highest scores. Layers that the inner
+   method declares frozen (``frozen_below``: Any-SSR's router reads them) get no update at all.
+3. **Sparse tuning**: the update is a float32 delta at the mask's entries, ``values (L, n)``,
+   trained as the method's own parameters and added to the weight through the site's
+   ``weight_fn``, ``W' = W + scatter(index, values) + Σ_{s<t} scatter(index_s, values_s)`` (formed
+   in float32, then cast to the weight's dtype: the float32 delta is the master copy, so a
+   bfloat16 model accumulates updates smaller than its rounding step as a float32 one does).
+   ``transform_grads`` keeps each entry's gradient with probability ``keep_prob`` (= 1 − p,
+   p = 0.9: ``sensitivity.drop_gradients``) and scales it by ``decay ** (number of earlier tasks
+   whose mask held the entry)``. The base weights themselves are never written; checkpoints hold
+   the deltas (index and values per task), not tuned copies of the weights.
 
-Fixed state ``fixed["mist"]``: ``selected[site]`` (L, d_in, d_out) unsigned ints whose bit ``t`` says
-task ``t``'s mask holds the entry (the mask history in one byte per entry for ≤ 8 tasks, two for
-≤ 16, four for ≤ 32), ``task`` (), the current task, ``overlap`` (T, T): row t, column s < t is
-the share of task t's mask also chosen by task s (the diagonal is 1), and from the first
-``begin_task`` on ``index[site]`` (L, n): the flat positions of the current mask's n entries per
-layer. ``report`` adds the overlap and mask shares to the inner method's report.
+Optimizers (``MIST.optimizer``): the delta gets its own SGD (lr ``backbone_lr`` = 1e-4, momentum
+``backbone_momentum`` = 0.9, no weight decay) while the inner method keeps the run's optimizer;
+``backbone_lr=None`` gives the delta the run's optimizer too. With plain SGD an entry moves only on
+the steps where its gradient is kept, so about ``fraction · keep_prob`` of the site weights change
+per step; with momentum or Adam an entry whose gradient was kept once keeps moving through the
+optimizer state (the engine logs the measured share as ``backbone_changed`` in ``log.jsonl``).
 
-Optimizers (``MIST.optimizer``): the backbone part gets its own SGD (DESIGN: lr ``backbone_lr`` =
-1e-4, momentum ``backbone_momentum`` = 0.9, no weight decay) while the inner method keeps the run's
-optimizer; ``backbone_lr=None`` gives the backbone the run's optimizer too. What it does with the
-gradients matters:
-  * entries outside the mask never get a gradient, so they stay bit-identical under SGD, SGD with
-    momentum or Adam — unless the run's optimizer with weight decay > 0 also drives the backbone;
-  * with plain SGD (momentum 0) an entry moves only on the steps where its gradient is kept, so
-    about ``fraction · keep_prob`` of the site weights change per step;
-  * with momentum or Adam, an entry whose gradient was kept once keeps moving on later steps through
-    the optimizer state, so up to ``fraction`` of the entries change per step (the engine logs the
-    measured share as ``base_changed`` in ``log.jsonl``).
+State: params ``MISTParams(inner, values={site: (L, n)})``; fixed ``MISTFixed(inner, index={site:
+(L, n)}, scale={site: (L, n)}, past_index={site: (L, T, n)}, past_values={site: (L, T, n)},
+overlap (T, T), matrix_size={site: ()})`` — ``overlap[t, s]`` is the share of task t's mask that task
+s < t also chose.
 
-The inner method's state lives alongside: ``fixed`` holds the inner method's fixed state plus the
-``"mist"`` key (so the inner method must not use that key); ``train`` is the inner method's.
+References:
+  MIST: mutual-information-guided sparse tuning for continual learning (official code:
+  github.com/zhwhu/MIST, for vision transformers; jaxcl adapts it to LLM projections).
+  Supervised contrastive loss: Khosla et al., 2020, https://arxiv.org/abs/2004.11362.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Any, NamedTuple, Optional, final
 
 import jax
 import jax.numpy as jnp
@@ -58,80 +63,47 @@ import optax
 from flax import nnx
 
 from jaxcl.kernels import sensitivity
-from jaxcl.methods.base import Method, TaskInfo
-from jaxcl.methods.lora_bank import select_sites
+from jaxcl.methods.axes import logical
+from jaxcl.methods.base import Method, MethodState, TaskInfo, Wrapper
+from jaxcl.methods.features import pooled_features
 from jaxcl.methods.seq_lora import SeqLoRA
+from jaxcl.models.sites import Adapter, SiteHook, combine, resolve_sites
 
 LLAMA_PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
 
-def site_path(site: str) -> str:
-    """The base-weight path (``nnx.to_pure_dict`` keys joined by ``/``) of a site's stacked weight.
-
-    Llama keeps every projection in ``layers/<name>`` (``attn.q`` → ``layers/q``); T5 keeps them per
-    stack with dots turned into underscores (``encoder.self_attn.q`` → ``encoder/layers/self_attn_q``).
-    ``MIST.begin_task`` checks the result against the model.
-    """
-    stack, _, rest = site.partition(".")
-    if stack in ("encoder", "decoder"):
-        return f"{stack}/layers/{rest.replace('.', '_')}"
-    return f"layers/{site.rpartition('.')[2]}"
+class MISTParams(NamedTuple):
+    inner: Any
+    values: dict
 
 
-def path_matches(path: str, pattern: str) -> bool:
-    """Whether the base weight at ``path`` belongs to a site that ends with ``pattern``.
-
-    ``base_trainable`` sees paths only, not site names: a path matches when it is the pattern's own
-    path (Llama, or a full T5 name) or, for T5 layer weights, when its last part ends with the pattern
-    (dots as underscores). ``MIST.begin_task`` checks that the matching paths are exactly the paths of
-    the sites ``select_sites`` picks.
-    """
-    if path == site_path(pattern):
-        return True
-    parts = path.split("/")
-    t5_layer = len(parts) == 3 and parts[0] in ("encoder", "decoder") and parts[1] == "layers"
-    return t5_layer and parts[2].endswith(pattern.replace(".", "_"))
+class MISTFixed(NamedTuple):
+    inner: Any
+    index: dict
+    scale: dict
+    past_index: dict
+    past_values: dict
+    overlap: jax.Array
+    matrix_size: dict   # {site: ()} d_in · d_out of the site's weight
 
 
-def _get(tree: dict, path: str):
-    for key in path.split("/"):
-        tree = tree[key]
-    return tree
+# -- the backbone update at a site ----------------------------------------------------------------
+def _updated_weight(name: str, p: dict, w: jax.Array, ctx: Any) -> jax.Array:
+    """``W`` plus the sparse float32 deltas of ``p`` (per layer: ``index``/``values`` (n,), the past
+    tasks' ``past_index``/``past_values`` (T, n), or a ``dense`` delta while scoring)."""
+    del name, ctx
+    flat = jnp.zeros((w.size,), jnp.float32)
+    if "past_index" in p:
+        flat = flat.at[p["past_index"].reshape(-1)].add(p["past_values"].reshape(-1))
+    if "index" in p:
+        flat = flat.at[p["index"]].add(p["values"])
+    delta = flat.reshape(w.shape)
+    if "dense" in p:
+        delta = delta + p["dense"]
+    return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
 
-def _replace(tree: dict, path: str, value) -> dict:
-    """A copy of the nested dict ``tree`` with the leaf at ``path`` replaced (other leaves shared)."""
-    head, _, rest = path.partition("/")
-    return dict(tree, **{head: _replace(tree[head], rest, value) if rest else value})
-
-
-def _bits_dtype(num_tasks: int):
-    for dtype in (jnp.uint8, jnp.uint16, jnp.uint32):
-        if num_tasks <= jnp.iinfo(dtype).bits:
-            return dtype
-    raise ValueError(f"mist keeps one bit per task and supports at most 32 tasks; the stream has {num_tasks}")
-
-
-def current_mask(selected: jax.Array, task: jax.Array) -> jax.Array:
-    """Boolean mask of task ``task`` from the bit field ``selected``."""
-    one = jnp.ones((), selected.dtype)
-    return (jnp.right_shift(selected, task.astype(selected.dtype)) & one).astype(bool)
-
-
-def earlier_count(selected: jax.Array, task: jax.Array) -> jax.Array:
-    """How many tasks before ``task`` chose each entry (int32, shape of ``selected``)."""
-    below = jnp.left_shift(jnp.ones((), selected.dtype), task.astype(selected.dtype)) - jnp.ones((), selected.dtype)
-    return jax.lax.population_count(selected & below).astype(jnp.int32)
-
-
-def mask_index(mask: jax.Array) -> jax.Array:
-    """``(L, n)`` int32 flat positions of the ``n`` entries a per-layer mask ``(L, d_in, d_out)`` keeps
-    in every layer (``topk_mask`` keeps the same count in each)."""
-    flat = np.asarray(mask).reshape(mask.shape[0], -1)
-    counts = flat.sum(axis=1)
-    if np.any(counts != counts[0]):
-        raise ValueError(f"mist: per-layer masks of unequal sizes {counts.tolist()}")
-    return jnp.asarray(np.stack([np.flatnonzero(row) for row in flat]).astype(np.int32))
+_HOOK = SiteHook(weight_fn=_updated_weight)
 
 
 def answer_labels(answers: jax.Array) -> jax.Array:
@@ -148,35 +120,6 @@ def _token_drop(key: jax.Array, mask: jax.Array, rate: float) -> jax.Array:
     """``mask`` with each token dropped with probability ``rate``; a row never loses all its tokens."""
     kept = mask & jax.random.bernoulli(key, 1.0 - rate, mask.shape)
     return jnp.where(jnp.any(kept, axis=1, keepdims=True), kept, mask)
-
-
-def _masked_mean(h: jax.Array, mask: jax.Array) -> jax.Array:
-    h = h.astype(jnp.float32)
-    total = jnp.sum(jnp.where(mask[..., None], h, 0.0), axis=1)
-    return total / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1).astype(jnp.float32)
-
-
-def prompt_mean(model, input_ids: jax.Array, prompt_mask: jax.Array) -> jax.Array:
-    """``(B, d)`` float32 mean of the final hidden states (T5: encoder outputs) over the tokens marked by
-    ``prompt_mask`` (bool, (B, S)); the other tokens are hidden from attention too."""
-    attention = prompt_mask.astype(jnp.int32)
-    states = model.encode(input_ids, attention) if model.is_encoder_decoder else model.hidden(input_ids, attention)
-    return _masked_mean(states, prompt_mask)
-
-
-def pooled_features(model, input_ids: jax.Array, prompt_mask: jax.Array) -> jax.Array:
-    """``(B, F)`` features of the prompt tokens marked by ``prompt_mask`` (bool, (B, S)).
-
-    Decoder-only: ``prompt_mean`` (F = d). T5: the mean over the encoder output, concatenated with the
-    decoder's hidden state at its start token (F = 2d), so that decoder weights influence it too.
-    """
-    if not model.is_encoder_decoder:
-        return prompt_mean(model, input_ids, prompt_mask)
-    attention = prompt_mask.astype(jnp.int32)
-    encoded = model.encode(input_ids, attention)
-    start = jnp.full((input_ids.shape[0], 1), model.config.decoder_start_token_id, jnp.int32)
-    first = model.decode_hidden(start, encoded, attention)[:, 0].astype(jnp.float32)
-    return jnp.concatenate([_masked_mean(encoded, prompt_mask), first], axis=-1)
 
 
 def _projection_head(key: jax.Array, features: jax.Array, head_dim: int) -> jax.Array:
@@ -202,66 +145,119 @@ def _prompt_and_answers(batch: dict, encoder_decoder: bool) -> tuple[jax.Array, 
     return prompt, jnp.where(jnp.arange(length)[None] < count, tokens, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "paths", "temperature", "token_drop", "head_dim"))
-def squared_grads(weights: dict, base: dict, batch: dict, key: jax.Array, head_key: jax.Array, *, graphdef,
-                  paths: tuple, temperature: float, token_drop: float, head_dim: int) -> tuple[dict, jax.Array]:
-    """Squared gradient of the MI objective on one batch w.r.t. the site weights, and the objective.
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "token_drop", "head_dim", "chunk"))
+def per_example_squared_grads(weights, dense: dict, past: dict, batch: dict, key: jax.Array, head_key: jax.Array, *,
+                              graphdef, temperature: float, token_drop: float, head_dim: int, chunk: int) -> dict:
+    """``Σ_i (∂ℓ_i/∂W)²`` over the rows i of ``batch``, per entry of each site's weight.
 
     Args:
-      weights: ``{site: stacked weight}`` to differentiate (the values of ``base`` at ``paths``).
-      base: the model's pure parameter dict.
-      batch: a training batch (real rows only).
-      key: PRNG key of the two views of this batch.
-      head_key: PRNG key of the projection head (one per task: the same head for all its batches).
-      graphdef: the model's NNX graph definition.
-      paths: ``((site, base path), ...)``.
+      weights: the model's NNX state (``nnx.split``).
+      dense: ``{site: (L, d_in, d_out)}`` float32 zeros: the gradient w.r.t. a delta at 0 is the
+        gradient w.r.t. the weight.
+      past: ``{site: {"past_index", "past_values"}}`` the earlier tasks' updates (the backbone as tuned).
+      batch: a training batch of B real rows (B a multiple of ``chunk``).
+      key: PRNG key of the two views; head_key: of the projection head (one per task).
+      graphdef: the model's graph definition (masked attention).
       temperature, token_drop, head_dim: see ``MIST``.
+      chunk: examples whose gradients are formed at once (memory: ``chunk`` x the tuned weights).
+
+    Returns:
+      ``{site: (L, d_in, d_out)}`` float32.
     """
-    def objective(weights):
-        params = base
-        for site, path in paths:
-            params = _replace(params, path, weights[site])
-        model = nnx.merge(graphdef, params)
-        prompt, answers = _prompt_and_answers(batch, model.is_encoder_decoder)
-        # Both views in one forward pass (one traced model, not two).
-        views = jnp.concatenate([_token_drop(jax.random.fold_in(key, i), prompt, token_drop) for i in range(2)])
-        features = pooled_features(model, jnp.concatenate([batch["input_ids"]] * 2), views)
-        z1, z2 = jnp.split(_projection_head(head_key, features, head_dim), 2)
-        return sensitivity.info_nce(z1, z2, answer_labels(answers), temperature)
+    model = nnx.merge(graphdef, weights)
+    prompt, answers = _prompt_and_answers(batch, model.is_encoder_decoder)
+    labels = answer_labels(answers)
+    labels = jnp.concatenate([labels, labels])
+    ids = batch["input_ids"]
+    rows = ids.shape[0]
+    views = jnp.stack([_token_drop(jax.random.fold_in(key, v), prompt, token_drop) for v in range(2)])  # (2, B, S)
 
-    loss, grads = jax.value_and_grad(objective)(weights)
-    return jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grads), loss
+    def embed(delta, ids, masks):
+        params = {site: dict(past[site], dense=delta[site]) for site in delta}
+        return _projection_head(head_key, pooled_features(model, ids, masks, Adapter(_HOOK, params)), head_dim)
+
+    contrast = jax.lax.stop_gradient(embed(dense, jnp.concatenate([ids, ids]), views.reshape(2 * rows, -1)))
+
+    def squared(i):
+        def own_terms(delta):
+            live = embed(delta, jnp.stack([ids[i], ids[i]]), views[:, i])
+            z = contrast.at[i].set(live[0]).at[rows + i].set(live[1])
+            per_anchor = sensitivity.info_nce_per_anchor(z, labels, temperature)
+            return 0.5 * (per_anchor[i] + per_anchor[rows + i])
+
+        return jax.tree.map(jnp.square, jax.grad(own_terms)(dense))
+
+    def accumulate(total, group):
+        return jax.tree.map(lambda t, g: t + jnp.sum(g, axis=0), total, jax.vmap(squared)(group)), None
+
+    total, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, dense), jnp.arange(rows).reshape(-1, chunk))
+    return total
 
 
-@functools.partial(jax.jit, static_argnames=("fraction",))
-def layer_masks(scores: dict, fraction: float) -> dict:
-    """Per layer slice of each stacked ``(L, d_in, d_out)`` score array, the top-``fraction`` mask."""
-    return jax.vmap(lambda s: sensitivity.topk_mask(s, fraction))(scores)
+@functools.partial(jax.jit, static_argnames=("count",))
+def top_entries(scores: jax.Array, count: int) -> jax.Array:
+    """``(L, count)`` int32 flat positions of each layer's ``count`` highest scores (ties: lower
+    position first), sorted."""
+    flat = scores.reshape(scores.shape[0], -1)
+    order = jnp.argsort(-flat, axis=1, stable=True)[:, :count]
+    return jnp.sort(order, axis=1).astype(jnp.int32)
 
 
+@jax.jit
+def _earlier_choices(index: jax.Array, past_index: jax.Array, task: jax.Array) -> jax.Array:
+    """``(L, T, n)`` bool: whether each entry of the current mask (L, n) is in task s's mask, for s < task."""
+    def layer(idx, past):  # (n,), (T, n)
+        return jax.vmap(lambda p: jnp.isin(idx, p))(past)
+    found = jax.vmap(layer)(index, past_index)
+    return found & (jnp.arange(past_index.shape[1]) < task)[None, :, None]
+
+
+def _split_optimizer(inner: optax.GradientTransformation,
+                     delta: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner`` on ``{"method": params.inner, "base": ...}`` (exactly the tree it would see without
+    MIST) and ``delta`` on the sparse update's values; state ``(inner state, delta state)``."""
+    def parts(tree):
+        return {"method": tree["method"].inner, "base": tree["base"]}, tree["method"].values
+
+    def init(params):
+        inner_params, values = parts(params)
+        return inner.init(inner_params), delta.init(values)
+
+    def update(grads, state, params=None):
+        inner_grads, value_grads = parts(grads)
+        inner_params, values = (None, None) if params is None else parts(params)
+        inner_updates, inner_state = inner.update(inner_grads, state[0], inner_params)
+        value_updates, delta_state = delta.update(value_grads, state[1], values)
+        return {"method": MISTParams(inner_updates["method"], value_updates), "base": inner_updates["base"]}, \
+            (inner_state, delta_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+@final
 @dataclasses.dataclass(frozen=True)
-class MIST(Method):
+class MIST(Wrapper):
     """Sparse, MI-guided backbone tuning around ``inner`` (any method).
 
     Attributes:
       inner: the wrapped method (``mist+<name>`` builds it from the other ``method_args``).
-      sites: site-name suffixes whose backbone weights are tuned (``lora_bank.select_sites``; by
-        default every Llama projection; for T5 e.g. ``attn.q`` picks every attention's q, and
+      sites: site names or suffixes whose backbone weights are tuned (``models.sites.resolve_sites``;
+        by default every Llama projection; for T5 e.g. ``attn.q`` picks every attention's q, and
         ``mlp.wi_0``/``mlp.wo`` its MLPs).
-      fraction: k, the share of each weight matrix in the task's mask (DESIGN: 5%; official 10%).
+      fraction: k, the share of each weight matrix in the task's mask (5%; the official configs 10%).
       keep_prob: probability of keeping a masked gradient entry on a step (1 − p, p = 0.9).
       decay: gradient scale per earlier task that chose the entry (0.9).
       temperature: InfoNCE temperature.
       token_drop: probability of hiding each prompt token in a view.
       head_dim: output width of the random projection head.
-      batch_size: examples per InfoNCE batch (the other examples of a batch are the negatives;
-        activation memory of the scoring pass grows with it).
+      batch_size: examples per InfoNCE batch (the contrast set of each example).
+      per_example_chunk: examples whose gradients are formed at once in the sensitivity pass
+        (memory: that many x the tuned weights, in float32); divides ``batch_size``.
       sensitivity_examples: score on the first this many training examples; 0 = all.
-      backbone_lr: learning rate of the backbone's own SGD; None = the run's optimizer for it too.
+      backbone_lr: learning rate of the delta's own SGD; None = the run's optimizer for it too.
       backbone_momentum: momentum of that SGD (0 = plain SGD).
     """
 
-    name = "mist"
     inner: Method = dataclasses.field(default_factory=SeqLoRA)
     sites: tuple = LLAMA_PROJECTIONS
     fraction: float = 0.05
@@ -271,9 +267,11 @@ class MIST(Method):
     token_drop: float = 0.1
     head_dim: int = 128
     batch_size: int = 16
+    per_example_chunk: int = 4
     sensitivity_examples: int = 0
     backbone_lr: Optional[float] = 1e-4
     backbone_momentum: float = 0.9
+    name = "mist"
 
     def __post_init__(self):
         if not 0.0 < self.fraction <= 1.0:
@@ -287,113 +285,97 @@ class MIST(Method):
         if self.batch_size < 2 or self.sensitivity_examples < 0:
             raise ValueError(f"mist batch_size must be >= 2 and sensitivity_examples >= 0, got "
                              f"{self.batch_size}, {self.sensitivity_examples}")
+        if self.per_example_chunk < 1 or self.batch_size % self.per_example_chunk:
+            raise ValueError(f"mist per_example_chunk ({self.per_example_chunk}) must divide batch_size "
+                             f"({self.batch_size})")
+
+    # -- state -----------------------------------------------------------------------------------
+    def init(self, key, model, num_tasks):
+        sites = resolve_sites(model.site_shapes, self.sites)
+        inner = self.inner.init(key, model, num_tasks)
+        values, index, scale, past_index, past_values = {}, {}, {}, {}, {}
+        for site in sites:
+            num_layers, d_in, d_out = model.site_shapes[site]
+            n = max(1, round(self.fraction * d_in * d_out))
+            values[site] = logical(jnp.zeros((num_layers, n)), ("layers", "mask"))
+            index[site] = logical(jnp.zeros((num_layers, n), jnp.int32), ("layers", "mask"))
+            scale[site] = logical(jnp.zeros((num_layers, n)), ("layers", "mask"))
+            past_index[site] = logical(jnp.zeros((num_layers, num_tasks, n), jnp.int32), ("layers", "tasks", "mask"))
+            past_values[site] = logical(jnp.zeros((num_layers, num_tasks, n)), ("layers", "tasks", "mask"))
+        overlap = logical(jnp.zeros((num_tasks, num_tasks)), ("tasks", None))
+        sizes = {site: logical(jnp.int32(model.site_shapes[site][1] * model.site_shapes[site][2]), ()) for site in sites}
+        return MethodState(MISTParams(inner.params, values),
+                           MISTFixed(inner.fixed, index, scale, past_index, past_values, overlap, sizes))
 
     @staticmethod
-    def wrap(inner: Method, **options) -> "MIST":
-        """MIST around ``inner``; the result routes (``Method.route``) exactly when ``inner`` does."""
-        routes = type(inner).route is not Method.route
-        return (RoutingMIST if routes else MIST)(inner=inner, **options)
-
-    @property
-    def joint(self) -> bool:
-        return self.inner.joint
-
-    # -- state plumbing: the inner method never sees fixed["mist"] -----------------------------------
-    @staticmethod
-    def _inner(state) -> dict:
-        return {"train": state["train"], "fixed": {k: v for k, v in state["fixed"].items() if k != "mist"}}
+    def _inner(state: MethodState) -> MethodState:
+        return MethodState(state.params.inner, state.fixed.inner)
 
     @staticmethod
-    def _outer(inner_state, state) -> dict:
-        if "mist" in inner_state["fixed"]:
-            raise ValueError("mist: the inner method uses the fixed-state key 'mist', which MIST reserves")
-        return {"train": inner_state["train"], "fixed": dict(inner_state["fixed"], mist=state["fixed"]["mist"])}
+    def _outer(inner: MethodState, state: MethodState) -> MethodState:
+        return MethodState(state.params._replace(inner=inner.params), state.fixed._replace(inner=inner.fixed))
 
-    @staticmethod
-    def _paths(state) -> tuple:
-        """``((site, base path), ...)`` of the tuned sites (resolved by ``init``)."""
-        return tuple((site, site_path(site)) for site in state["fixed"]["mist"]["selected"])
-
-    # -- protocol --------------------------------------------------------------------------------
-    def init(self, key, site_shapes, num_tasks):
-        try:
-            sites = select_sites(site_shapes, self.sites)
-        except ValueError as e:
-            raise ValueError(f"mist: {e}") from None
-        state = self.inner.init(key, site_shapes, num_tasks)
-        dtype = _bits_dtype(num_tasks)
-        mist = {"selected": {site: jnp.zeros(site_shapes[site], dtype) for site in sites},
-                "task": jnp.zeros((), jnp.int32),
-                "overlap": jnp.zeros((num_tasks, num_tasks), jnp.float32)}
-        return self._outer(state, {"fixed": {"mist": mist}})
-
-    def begin_task(self, key, state, task: TaskInfo, site_shapes):
+    # -- tasks -----------------------------------------------------------------------------------
+    def begin_task(self, key, state, task: TaskInfo):
         key_inner, key_mi = jax.random.split(key)
-        state = self._outer(self.inner.begin_task(key_inner, self._inner(state), task, site_shapes), state)
+        state = self._outer(self.inner.begin_task(key_inner, self._inner(state), task), state)
         if task.model is None or task.batches is None:
             raise ValueError("mist.begin_task needs TaskInfo.model and TaskInfo.batches to score sensitivity")
-        masks = layer_masks(self.sensitivity(key_mi, task, state), self.fraction)
-        mist = state["fixed"]["mist"]
+        scores = self.sensitivity(key_mi, task, state)
+        fixed = state.fixed
         t = jnp.int32(task.index)
-        selected = {site: mist["selected"][site] | jnp.left_shift(m.astype(mist["selected"][site].dtype),
-                                                                   t.astype(mist["selected"][site].dtype))
-                    for site, m in masks.items()}
-        chosen = sum(jnp.sum(m, dtype=jnp.float32) for m in masks.values())
-        row = jnp.stack([sum(jnp.sum(m & current_mask(selected[site], jnp.int32(s)), dtype=jnp.float32)
-                             for site, m in masks.items()) / chosen
-                         for s in range(mist["overlap"].shape[0])])
-        mist = {"selected": selected, "task": t, "overlap": mist["overlap"].at[task.index].set(row),
-                "index": {site: mask_index(m) for site, m in masks.items()}}
-        return {"train": state["train"], "fixed": dict(state["fixed"], mist=mist)}
+        index, scale, shared, chosen = {}, {}, 0.0, 0.0
+        row = jnp.zeros(fixed.overlap.shape[1])
+        for site, s in scores.items():
+            num_layers, n = fixed.index[site].shape
+            index[site] = top_entries(s, n)
+            earlier = _earlier_choices(index[site], fixed.past_index[site], t)      # (L, T, n)
+            tuned = (jnp.arange(num_layers) >= self.frozen_below(num_layers)).astype(jnp.float32)[:, None]
+            scale[site] = tuned * jnp.power(jnp.float32(self.decay), jnp.sum(earlier, axis=1, dtype=jnp.float32))
+            row = row + jnp.sum(earlier * tuned[:, :, None], axis=(0, 2), dtype=jnp.float32)
+            chosen = chosen + jnp.sum(tuned) * n
+        row = (row / jnp.maximum(chosen, 1.0)).at[t].set(1.0)
+        values = jax.tree.map(jnp.zeros_like, state.params.values)
+        fixed = fixed._replace(index=index, scale=scale, overlap=fixed.overlap.at[t].set(row))
+        return MethodState(state.params._replace(values=values), fixed)
 
-    def sensitivity(self, key: jax.Array, task: TaskInfo, state) -> dict:
-        """``{site: (L, d_in, d_out)}`` empirical-Fisher scores of the MI objective on ``task``'s data.
+    def end_task(self, state, task):
+        state = self._outer(self.inner.end_task(self._inner(state), task), state)
+        fixed = state.fixed
+        past_index = {s: fixed.past_index[s].at[:, task.index].set(fixed.index[s]) for s in fixed.index}
+        past_values = {s: fixed.past_values[s].at[:, task.index].set(state.params.values[s]) for s in fixed.index}
+        values = jax.tree.map(jnp.zeros_like, state.params.values)
+        return MethodState(state.params._replace(values=values),
+                           fixed._replace(past_index=past_index, past_values=past_values))
 
-        Reads ``task.model`` and ``task.batches``; no weight is updated.
-        """
-        graphdef, params = nnx.split(task.model)
-        base = nnx.to_pure_dict(params)
-        paths = self._paths(state)
-        weights = self._site_weights(base, state)
-        batches = self._scoring_batches(task)
+    def sensitivity(self, key: jax.Array, task: TaskInfo, state: MethodState) -> dict:
+        """``{site: (L, d_in, d_out)}`` empirical-Fisher scores of the MI objective on ``task``'s data
+        (the sum over examples of per-example squared gradients, divided by their number)."""
+        model = nnx.merge(*nnx.split(task.model))
+        model.attention = None  # token-drop views have holes: masked attention only
+        graphdef, weights = nnx.split(model)
+        shapes = model.site_shapes()
+        dense = {site: jnp.zeros(shapes[site], jnp.float32) for site in state.fixed.index}
+        past = {site: {"past_index": state.fixed.past_index[site], "past_values": state.fixed.past_values[site]}
+                for site in dense}
+        batches, count = self._scoring_batches(task)
         if not batches:
             raise ValueError(f"mist: task {task.name!r} has no training batch to score sensitivity on")
         key_views, key_head = jax.random.split(key)
         total = None
         for i, batch in enumerate(batches):
-            sq, _ = squared_grads(weights, base, batch, jax.random.fold_in(key_views, i), key_head, graphdef=graphdef,
-                                  paths=paths, temperature=self.temperature, token_drop=self.token_drop,
-                                  head_dim=self.head_dim)
+            sq = per_example_squared_grads(weights, dense, past, batch, jax.random.fold_in(key_views, i), key_head,
+                                           graphdef=graphdef, temperature=self.temperature,
+                                           token_drop=self.token_drop, head_dim=self.head_dim,
+                                           chunk=self.per_example_chunk)
             total = sq if total is None else jax.tree.map(jnp.add, total, sq)
-        return sensitivity.fisher_scores(total, len(batches))
+        return sensitivity.fisher_scores(total, count)
 
-    def _site_weights(self, base: dict, state) -> dict:
-        """``{site: stacked weight}`` from the model's parameters, after checking that the weights
-        ``base_trainable`` lets train are exactly the tuned sites' weights (all of them masked)."""
-        paths = self._paths(state)
-        weights = {}
-        for site, path in paths:
-            try:
-                weights[site] = _get(base, path)
-            except (KeyError, TypeError):
-                raise ValueError(f"mist: site {site!r} has no base weight at {path!r} in this model") from None
-            if not self._tuned(path):
-                raise ValueError(f"mist: site {site!r} matches {list(self.sites)} but its weight {path!r} does not")
-            if weights[site].shape != state["fixed"]["mist"]["selected"][site].shape:
-                raise ValueError(f"mist: the weight at {path!r} has shape {weights[site].shape}, not site {site!r}'s")
-        # Every weight base_trainable lets the optimizer touch must have a mask.
-        all_paths = ("/".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(base)[0])
-        unmasked = sorted(p for p in all_paths if self._tuned(p) and p not in {q for _, q in paths})
-        if unmasked:
-            raise ValueError(f"mist: sites {list(self.sites)} make the base weights {unmasked} trainable, but they "
-                             "are not the weights of the sites the model names; list the sites in full")
-        return weights
-
-    def _scoring_batches(self, task: TaskInfo) -> list:
+    def _scoring_batches(self, task: TaskInfo) -> tuple[list, int]:
         """The task's real training rows (up to ``sensitivity_examples``) in InfoNCE batches of
-        ``batch_size`` rows, all of one shape so that scoring compiles once: every array is padded on
-        the right to the longest row (padding is masked out) and the last batch is filled up with
-        repeats of its own rows (a repeated example counts twice, as an extra positive pair)."""
+        ``batch_size`` rows, and the number of distinct rows. The pipeline's batches all have one
+        length, so scoring compiles once; the last batch is filled up with repeats of its own rows
+        (a repeated example counts twice)."""
         rows = []
         for batch in task.batches():
             real = np.asarray(batch["real"], bool)
@@ -401,10 +383,8 @@ class MIST(Method):
             if self.sensitivity_examples and sum(len(r["input_ids"]) for r in rows) >= self.sensitivity_examples:
                 break
         if not rows:
-            return []
-        width = {k: max(r[k].shape[1] for r in rows) for k in rows[0]}
-        rows = {k: np.concatenate([np.pad(r[k], [(0, 0), (0, width[k] - r[k].shape[1])]) for r in rows])
-                for k in rows[0]}
+            return [], 0
+        rows = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
         count = len(rows["input_ids"])
         if self.sensitivity_examples:
             count = min(count, self.sensitivity_examples)
@@ -412,84 +392,70 @@ class MIST(Method):
         for start in range(0, count, self.batch_size):
             index = start + np.arange(self.batch_size) % min(self.batch_size, count - start)
             batches.append({k: jnp.asarray(v[index]) for k, v in rows.items()})
-        return batches
+        return batches, count
 
-    def base_trainable(self, path):
-        return self._tuned(path) or self.inner.base_trainable(path)
-
-    def _tuned(self, path: str) -> bool:
-        return any(path_matches(path, pattern) for pattern in self.sites)
-
+    # -- training --------------------------------------------------------------------------------
     def adapter(self, state, ctx, key=None):
-        return self.inner.adapter(self._inner(state), ctx, key)
+        fixed = state.fixed
+        params = {site: {"index": fixed.index[site], "values": state.params.values[site],
+                         "past_index": fixed.past_index[site], "past_values": fixed.past_values[site]}
+                  for site in fixed.index}
+        return combine(self.inner.adapter(self._inner(state), ctx, key), Adapter(_HOOK, params))
 
-    def train_ctx(self, model, state, batch):
-        return self.inner.train_ctx(model, self._inner(state), batch)
+    def train_ctx(self, model, state, batch, step):
+        return self.inner.train_ctx(model, self._inner(state), batch, step)
 
-    def eval_ctx(self, model, state, batch, task):
-        return self.inner.eval_ctx(model, self._inner(state), batch, task)
+    def eval_ctx(self, model, state, batch):
+        return self.inner.eval_ctx(model, self._inner(state), batch)
 
-    def extra_loss(self, state, base):
-        return self.inner.extra_loss(self._inner(state), base)
+    def route(self, model, state, batch):
+        return self.inner.route(model, self._inner(state), batch)
+
+    def extra_loss(self, model, state, batch, step):
+        return self.inner.extra_loss(model, self._inner(state), batch, step)
 
     def optimizer(self, tx):
         inner = self.inner.optimizer(tx)
         if self.backbone_lr is None:
-            return inner
-        backbone = optax.sgd(self.backbone_lr, momentum=self.backbone_momentum or None)
-        return optax.multi_transform({"method": inner, "base": backbone}, lambda params: {k: k for k in params})
+            delta = tx
+        else:
+            delta = optax.sgd(self.backbone_lr, momentum=self.backbone_momentum or None)
+        return _split_optimizer(inner, delta)
 
-    def transform_grads(self, grads, state, key):
+    def transform_grads(self, grads, state, key, step):
         key_inner, key_drop = jax.random.split(key)
-        grads = self.inner.transform_grads(grads, self._inner(state), key_inner)
-        mist = state["fixed"]["mist"]
-        paths = self._paths(state)
-        # Work on the masked entries only (gathered by their flat index per layer): drawing the drop
-        # decisions for k of the entries instead of all of them is what keeps the step cheap.
-        picked, scale = {}, {}
-        for site, path in paths:
-            index = mist["index"][site]
-            flat = _get(grads["base"], path).reshape(index.shape[0], -1)
-            picked[site] = jnp.take_along_axis(flat, index, axis=1)
-            bits = jnp.take_along_axis(mist["selected"][site].reshape(index.shape[0], -1), index, axis=1)
-            scale[site] = jnp.power(jnp.float32(self.decay), earlier_count(bits, mist["task"]))
-        kept = sensitivity.drop_gradients(key_drop, picked, {site: True for site in picked}, self.keep_prob)
-        base = grads["base"]
-        for site, path in paths:
-            grad, index = _get(base, path), mist["index"][site]
-            rows = jnp.arange(index.shape[0])[:, None]
-            values = (kept[site] * scale[site]).astype(grad.dtype)
-            dense = jnp.zeros((index.shape[0], grad[0].size), grad.dtype).at[rows, index].set(values)
-            base = _replace(base, path, dense.reshape(grad.shape))
-        return dict(grads, base=base)
+        inner = self.inner.transform_grads({"method": grads["method"].inner, "base": grads["base"]},
+                                           self._inner(state), key_inner, step)
+        kept = sensitivity.drop_gradients(key_drop, grads["method"].values,
+                                          {s: True for s in grads["method"].values}, self.keep_prob)
+        values = {s: kept[s] * state.fixed.scale[s] for s in kept}
+        return {"method": MISTParams(inner["method"], values), "base": inner["base"]}
 
-    def post_update(self, state):
-        return self._outer(self.inner.post_update(self._inner(state)), state)
+    def post_update(self, state, step):
+        return self._outer(self.inner.post_update(self._inner(state), step), state)
 
-    def end_task(self, state, task):
-        return self._outer(self.inner.end_task(self._inner(state), task), state)
+    def step_metrics(self, old, new):
+        # float32 counts: an int32 sum overflows past 2**31 entries (a 7B model's projections)
+        changed = sum(jnp.sum(old.params.values[s] != new.params.values[s], dtype=jnp.float32) for s in old.params.values)
+        tuned = sum(v.shape[0] * new.fixed.matrix_size[s].astype(jnp.float32) for s, v in new.params.values.items())
+        inner = self.inner.step_metrics(self._inner(old), self._inner(new))
+        return dict(inner, backbone_changed=changed / tuned)
 
     def report(self, state):
-        mist = state["fixed"]["mist"]
-        t = int(mist["task"])
-        sizes = {site: int(np.prod(s.shape)) for site, s in mist["selected"].items()}
+        fixed = state.fixed
+        t = int(np.max(np.nonzero(np.asarray(fixed.overlap).diagonal())[0], initial=0))
+        sizes = {site: fixed.index[site].shape[0] * int(fixed.matrix_size[site]) for site in fixed.index}
         per_task = []
         for s in range(t + 1):
-            chosen = sum(int(jnp.sum(current_mask(sel, jnp.int32(s)))) for sel in mist["selected"].values())
+            chosen = sum(int(np.sum(np.asarray(fixed.past_values[site])[:, s] != 0)) for site in fixed.index)
             per_task.append(chosen / sum(sizes.values()))
-        overlap = np.asarray(mist["overlap"])[: t + 1, : t + 1]
+        overlap = np.asarray(fixed.overlap)[: t + 1, : t + 1]
         return dict(self.inner.report(self._inner(state)), mist={
-            "sites": list(mist["selected"]), "fraction": self.fraction, "keep_prob": self.keep_prob, "decay": self.decay,
+            "sites": sorted(fixed.index), "fraction": self.fraction, "keep_prob": self.keep_prob, "decay": self.decay,
             "tuned_weights": sum(sizes.values()),
-            "mask_share_per_task": per_task,
+            "mask_entries_per_layer": {site: int(fixed.index[site].shape[1]) for site in fixed.index},
+            # share of the tuned weights each task's update actually changed (non-zero delta)
+            "changed_share_per_task": per_task,
             # row t, column s <= t: share of task t's mask that task s also chose
             "mask_overlap": np.round(np.tril(overlap), 6).tolist(),
             "expected_share_changed_per_step_plain_sgd": self.fraction * self.keep_prob})
-
-
-@dataclasses.dataclass(frozen=True)
-class RoutingMIST(MIST):
-    """MIST around a routing method (the engine reports routing accuracy for it)."""
-
-    def route(self, model, state, batch):
-        return self.inner.route(model, self._inner(state), batch)

@@ -1,4 +1,6 @@
-"""OA-Adapter: budget-adaptive bottleneck adapters in orthogonal subspaces (DESIGN §6).
+"""OA-Adapter: budget-adaptive bottleneck adapters in orthogonal subspaces.
+
+Math: docs/oa_adapter.md.
 
 Per task t, site and layer a bottleneck adapter adds
 
@@ -26,9 +28,10 @@ The paper gives no public code; the choices below are jaxcl's (dataclass fields,
   - Initialisation: W1 like LoRA's ``a`` (Kaiming-uniform), W2 = 0 so a new adapter starts as the
     identity on the model's function; g = ``g_init`` = 1 for every dimension and τ = ``tau_init`` = 0,
     so training starts with all r_max dimensions on at unit gain.
-  - τ is one scalar per (task, site, layer): the budget of a site-layer moves as one, and a
-    dimension switched off (no gradient through the flat part of the threshold) can come back on
-    when τ falls below its |g|.
+  - τ is one scalar per (task, site, layer), held at τ ≥ 0 (clamped after every update; a negative
+    τ would amplify every dimension instead of gating it): the budget of a site-layer moves as one,
+    and a dimension switched off (no gradient through the flat part of the threshold) can come back
+    on when τ falls below its |g|.
   - ``gate_lr_multiplier=20``: g and τ are stored divided by this factor and multiplied back in
     the forward pass. Adam's step does not depend on the gradient's scale, so this reparametrisation
     is what makes the gate move that many times faster than W1/W2 (with SGD the effective rate is
@@ -40,66 +43,59 @@ The paper gives no public code; the choices below are jaxcl's (dataclass fields,
     them. ``l1=0`` leaves budgets to the task loss alone.
   - ``lambda_orth=0.5`` (O-LoRA's λ1 value), ``dropout=0.1`` on the adapter input (O-LoRA's).
 
-State:
-  ``train["adapter"][site]``: ``{"w1": (L, r, d_in), "w2": (L, d_out, r), "g": (L, r), "tau": (L,)}``
-  ``fixed["past"][site]``: ``{"w1": (L, T, r, d_in), "w2": (L, T, d_out, r), "gamma": (L, T, r)}`` —
-  the stored γ is exactly zero off the active set, so the active mask is ``gamma != 0``.
-  ``fixed["basis"][site]`` ``(L, d_out, T·r)`` only while a task trains with ``hard_projection``.
+State: params ``{site: Bottleneck(w1 (L, r, d_in), w2 (L, d_out, r), g (L, r), tau (L,))}``; fixed
+``OAFixed(past={site: PastBottlenecks(w1 (L, T, r, d_in), w2 (L, T, d_out, r), gamma (L, T, r))},
+basis={site: (L, d_out, T·r)} with hard_projection, else {})`` — the stored γ is exactly zero off the
+active set, so the active mask is ``gamma != 0``. The math is in ``jaxcl.kernels.bottleneck``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple, final
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl.kernels import lora as lora_kernel
-from jaxcl.kernels import orthogonal
-from jaxcl.methods.base import Method, TaskInfo
-from jaxcl.methods.lora_bank import select_sites
-from jaxcl.models.sites import Adapter, SiteHook
+from jaxcl.kernels import bottleneck, lora as lora_kernel, orthogonal
+from jaxcl.methods.axes import logical
+from jaxcl.methods.base import Method, MethodState
+from jaxcl.models.sites import Adapter, SiteHook, resolve_sites
 
 
-def soft_threshold(g: jax.Array, tau: jax.Array) -> jax.Array:
-    """``sign(g) · max(|g| − τ, 0)``: exact zeros where ``|g| ≤ τ``; τ broadcasts against g."""
-    return jnp.sign(g) * jax.nn.relu(jnp.abs(g) - tau)
+class Bottleneck(NamedTuple):
+    """The current task's adapter at one site, stacked over layers (g and τ in 1/multiplier units)."""
+
+    w1: jax.Array
+    w2: jax.Array
+    g: jax.Array
+    tau: jax.Array
 
 
-def orthogonality_penalty(past_w2: jax.Array, past_gamma: jax.Array, w2: jax.Array) -> jax.Array:
-    """``Σ_s ‖W2_s[:, active_s]ᵀ W2‖_F²`` at one site and layer.
+class PastBottlenecks(NamedTuple):
+    """Finished tasks' adapters at one site: one slot per task, γ already thresholded."""
 
-    Args:
-      past_w2: ``(T, d_out, r)`` past tasks' W2 (empty slots are zero).
-      past_gamma: ``(T, r)`` their gates; a column is active where its gate is non-zero.
-      w2: ``(d_out, r)`` the current task's W2.
-
-    Returns:
-      scalar.
-    """
-    active = (past_gamma != 0).astype(w2.dtype)
-    overlap = jnp.einsum("tos,or->tsr", past_w2.astype(w2.dtype), w2) * active[:, :, None]
-    return jnp.sum(overlap ** 2)
+    w1: jax.Array
+    w2: jax.Array
+    gamma: jax.Array
 
 
-def past_active_columns(past: dict) -> jax.Array:
-    """``(L, d_out, T·r)``: every past W2 column, zeroed where its task switched it off."""
-    w2 = past["w2"] * (past["gamma"] != 0).astype(past["w2"].dtype)[:, :, None, :]
-    num_layers, tasks, d_out, rank = w2.shape
-    return jnp.transpose(w2, (0, 2, 1, 3)).reshape(num_layers, d_out, tasks * rank)
+class OAFixed(NamedTuple):
+    past: dict
+    basis: dict
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class OAAdapter(Method):
     """Attributes: see the module docstring for the reasoning behind each default.
 
-    sites: site-name suffixes to adapt (see ``lora_bank.select_sites``).
+    sites: site names or suffixes to adapt (``models.sites.resolve_sites``).
     r_max: allocated bottleneck width per task, site and layer.
     dropout: dropout rate on the adapter input (training only).
     lambda_orth: weight of the orthogonality penalty.
     l1: weight of the L1 penalty on the current task's gates γ.
-    g_init, tau_init: initial gate value (every dimension) and threshold.
+    g_init, tau_init: initial gate value (every dimension) and threshold (>= 0).
     scale: output scale s of the adapter (O-LoRA's α/r).
     gate_lr_multiplier: how much faster (under Adam) g and τ train than W1 and W2.
     hard_projection: keep W2_t exactly orthogonal to past active columns after every update.
@@ -124,104 +120,110 @@ class OAAdapter(Method):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.gate_lr_multiplier > 0:
             raise ValueError(f"gate_lr_multiplier must be > 0, got {self.gate_lr_multiplier}")
+        if self.tau_init < 0:
+            raise ValueError(f"tau_init must be >= 0 (a negative threshold amplifies), got {self.tau_init}")
 
     # -- state -----------------------------------------------------------------------------------
-    def fresh(self, key: jax.Array, site_shapes: dict) -> dict:
-        """New adapters for the task about to train: ``{site: {"w1", "w2", "g", "tau"}}``."""
-        sites = select_sites(site_shapes, self.sites)
+    def _fresh(self, key: jax.Array, shapes: dict) -> dict:
+        """New adapters ``{site: Bottleneck}`` for ``{site: (L, d_in, d_out)}``."""
         out = {}
-        for site, k in zip(sites, jax.random.split(key, len(sites))):
-            num_layers, d_in, d_out = site_shapes[site]
+        for site, k in zip(sorted(shapes), jax.random.split(key, len(shapes))):
+            num_layers, d_in, d_out = shapes[site]
             pair = jax.vmap(lambda kk: lora_kernel.init(kk, d_in, d_out, self.r_max))(jax.random.split(k, num_layers))
-            out[site] = {"w1": pair["a"], "w2": pair["b"],
-                         "g": jnp.full((num_layers, self.r_max), self.g_init / self.gate_lr_multiplier, jnp.float32),
-                         "tau": jnp.full((num_layers,), self.tau_init / self.gate_lr_multiplier, jnp.float32)}
+            out[site] = Bottleneck(pair["a"], pair["b"],
+                                   jnp.full((num_layers, self.r_max), self.g_init / self.gate_lr_multiplier, jnp.float32),
+                                   jnp.full((num_layers,), self.tau_init / self.gate_lr_multiplier, jnp.float32))
         return out
 
-    def gates(self, current: dict) -> jax.Array:
-        """γ ``(L, r)`` of one site's current adapter (the stored g and τ are in 1/multiplier units)."""
+    def gates(self, current: Bottleneck) -> jax.Array:
+        """γ ``(L, r)`` of one site's current adapter."""
         k = self.gate_lr_multiplier
-        return soft_threshold(k * current["g"], k * current["tau"][:, None])
+        return bottleneck.soft_threshold(k * current.g, k * current.tau[:, None])
 
-    def init(self, key, site_shapes, num_tasks):
-        current = self.fresh(key, site_shapes)
-        past = {site: {"w1": jnp.zeros((p["w1"].shape[0], num_tasks) + p["w1"].shape[1:], jnp.float32),
-                       "w2": jnp.zeros((p["w2"].shape[0], num_tasks) + p["w2"].shape[1:], jnp.float32),
-                       "gamma": jnp.zeros((p["g"].shape[0], num_tasks, self.r_max), jnp.float32)}
-                for site, p in current.items()}
-        return {"train": {"adapter": current}, "fixed": {"past": past}}
+    def init(self, key, model, num_tasks):
+        sites = resolve_sites(model.site_shapes, self.sites)
+        fresh = self._fresh(key, {s: model.site_shapes[s] for s in sites})
+        current, past, basis = {}, {}, {}
+        for site in sites:
+            num_layers, d_in, d_out = model.site_shapes[site]
+            i, o = model.site_axes[site]
+            f = fresh[site]
+            current[site] = Bottleneck(logical(f.w1, ("layers", "rank", i)), logical(f.w2, ("layers", o, "rank")),
+                                       logical(f.g, ("layers", "rank")), logical(f.tau, ("layers",)))
+            past[site] = PastBottlenecks(
+                logical(jnp.zeros((num_layers, num_tasks, self.r_max, d_in)), ("layers", "tasks", "rank", i)),
+                logical(jnp.zeros((num_layers, num_tasks, d_out, self.r_max)), ("layers", "tasks", o, "rank")),
+                logical(jnp.zeros((num_layers, num_tasks, self.r_max)), ("layers", "tasks", "rank")))
+            if self.hard_projection:
+                basis[site] = logical(jnp.zeros((num_layers, d_out, num_tasks * self.r_max)), ("layers", o, None))
+        return MethodState(current, OAFixed(past, basis))
 
-    def begin_task(self, key, state, task: TaskInfo, site_shapes):
-        train = state["train"] if task.index == 0 else {"adapter": self.fresh(key, site_shapes)}
-        fixed = state["fixed"]
+    def begin_task(self, key, state, task):
+        params = state.params
+        if task.index:
+            params = self._fresh(key, {s: (c.w1.shape[0], c.w1.shape[2], c.w2.shape[1]) for s, c in params.items()})
+        fixed = state.fixed
         if self.hard_projection:
             # Orthonormal basis of the past active W2 columns per site and layer; zero columns (empty
             # slots, switched-off dimensions) come out zero and project nothing.
-            basis = {site: jax.vmap(orthogonal.gram_schmidt)(past_active_columns(p)) for site, p in fixed["past"].items()}
-            fixed = dict(fixed, basis=basis)
-        return self.post_update({"train": train, "fixed": fixed})
+            basis = {site: jax.vmap(lambda w2, g: orthogonal.gram_schmidt(bottleneck.active_columns(w2, g)))(
+                p.w2, p.gamma) for site, p in fixed.past.items()}
+            fixed = fixed._replace(basis=basis)
+        return self._project(MethodState(params, fixed))
 
     def end_task(self, state, task):
-        past = dict(state["fixed"]["past"])
-        for site, cur in state["train"]["adapter"].items():
-            stored = {"w1": cur["w1"], "w2": cur["w2"], "gamma": self.gates(cur)}
-            past[site] = jax.tree.map(lambda p, c: p.at[:, task.index].set(c), past[site], stored)
+        past = {}
+        for site, cur in state.params.items():
+            stored = PastBottlenecks(cur.w1, cur.w2, self.gates(cur))
+            past[site] = jax.tree.map(lambda p, c: p.at[:, task.index].set(c), state.fixed.past[site], stored)
         # The finished adapter now lives in its slot; the current one is zeroed (w2 = 0 and γ = 0 add
         # nothing) until the next begin_task draws a fresh one.
-        train = {"adapter": jax.tree.map(jnp.zeros_like, state["train"]["adapter"])}
-        fixed = {k: v for k, v in state["fixed"].items() if k != "basis"}
-        return {"train": train, "fixed": dict(fixed, past=past)}
+        return MethodState(jax.tree.map(jnp.zeros_like, state.params), state.fixed._replace(past=past))
 
     # -- training hooks --------------------------------------------------------------------------
-    def extra_loss(self, state, base):
-        del base
+    def extra_loss(self, model, state, batch, step):
+        del model, batch, step
         loss = jnp.zeros((), jnp.float32)
-        for site, cur in state["train"]["adapter"].items():
-            past = state["fixed"]["past"][site]
+        for site, cur in state.params.items():
+            past = state.fixed.past[site]
             if self.lambda_orth:
-                per_layer = jax.vmap(orthogonality_penalty)(past["w2"], past["gamma"], cur["w2"])
+                per_layer = jax.vmap(bottleneck.orthogonality_penalty)(past.w2, past.gamma, cur.w2)
                 loss = loss + self.lambda_orth * jnp.sum(per_layer)
             if self.l1:
                 loss = loss + self.l1 * jnp.sum(jnp.abs(self.gates(cur)))
         return loss
 
-    def post_update(self, state):
-        basis = state["fixed"].get("basis")
-        if not basis:
+    def post_update(self, state, step):
+        del step
+        params = {site: cur._replace(tau=jnp.maximum(cur.tau, 0.0)) for site, cur in state.params.items()}
+        return self._project(state._replace(params=params))
+
+    def _project(self, state):
+        if not self.hard_projection:
             return state
-        adapters = dict(state["train"]["adapter"])
-        for site, q in basis.items():
-            w2 = jax.vmap(orthogonal.project_out)(adapters[site]["w2"], q)
-            adapters[site] = dict(adapters[site], w2=w2)
-        return {"train": dict(state["train"], adapter=adapters), "fixed": state["fixed"]}
+        params = {site: cur._replace(w2=jax.vmap(orthogonal.project_out)(cur.w2, state.fixed.basis[site]))
+                  for site, cur in state.params.items()}
+        return state._replace(params=params)
 
     # -- the site hook ---------------------------------------------------------------------------
-    @property
-    def hook(self) -> SiteHook:
-        return SiteHook(delta_fn=self._delta)
-
     def adapter(self, state, ctx, key=None):
+        del ctx  # every task's adapter is summed; there is no routing
         params = {}
-        sites = sorted(state["train"]["adapter"])
-        keys = None if key is None or self.dropout == 0 else jax.random.split(key, len(sites))
-        for i, site in enumerate(sites):
-            cur = state["train"]["adapter"][site]
-            p = {"w1": cur["w1"], "w2": cur["w2"], "gamma": self.gates(cur), "past": state["fixed"]["past"][site]}
+        keys = None if key is None or self.dropout == 0 else jax.random.split(key, len(state.params))
+        for i, site in enumerate(sorted(state.params)):
+            cur = state.params[site]
+            p = {"w1": cur.w1, "w2": cur.w2, "gamma": self.gates(cur), "past": state.fixed.past[site]}
             if keys is not None:
-                p["key"] = jax.random.split(keys[i], cur["w1"].shape[0])
+                p["key"] = jax.random.split(keys[i], cur.w1.shape[0])
             params[site] = p
-        return Adapter(self.hook, params, ctx)
+        return Adapter(SiteHook(delta_fn=self._delta), params, None)
 
     def _delta(self, name: str, p: dict, x: jax.Array, ctx: Any) -> jax.Array:
-        del name, ctx  # every task's adapter is summed; there is no routing
-        if "key" in p:
-            keep = jax.random.bernoulli(p["key"], 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        h = (x @ p["w1"].astype(x.dtype).T) * p["gamma"].astype(x.dtype)
-        out = h @ p["w2"].astype(x.dtype).T
+        del name, ctx
+        x = lora_kernel.dropout(p.get("key"), x, self.dropout)
         past = p["past"]
-        h_past = jnp.einsum("...d,trd->...tr", x, past["w1"].astype(x.dtype)) * past["gamma"].astype(x.dtype)
-        out = out + jnp.einsum("...tr,tor->...o", h_past, past["w2"].astype(x.dtype))
+        out = bottleneck.adapter_output(x, p["w1"], p["gamma"], p["w2"])
+        out = out + bottleneck.adapter_output(x, past.w1, past.gamma, past.w2)
         return out * jnp.asarray(self.scale, x.dtype)
 
     # -- results ---------------------------------------------------------------------------------
@@ -233,9 +235,9 @@ class OAAdapter(Method):
         same as an r=r_max LoRA per task, e.g. O-LoRA's). The gates (g, τ) are not counted.
         """
         r_eff, used, allocated = {}, 0, 0
-        for site, past in state["fixed"]["past"].items():
-            counts = np.asarray(jnp.sum(past["gamma"] != 0, axis=-1))  # (L, T)
-            width = past["w1"].shape[-1] + past["w2"].shape[-2]        # d_in + d_out
+        for site, past in state.fixed.past.items():
+            counts = np.asarray(jnp.sum(past.gamma != 0, axis=-1))   # (L, T)
+            width = past.w1.shape[-1] + past.w2.shape[-2]              # d_in + d_out
             r_eff[site] = counts.T.tolist()                            # [task][layer]
             used += int(counts.sum()) * width
             allocated += counts.size * self.r_max * width

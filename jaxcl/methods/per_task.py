@@ -1,35 +1,48 @@
 """Per-task oracle: one LoRA per task, each task evaluated with its own LoRA.
 
+Math: docs/per_task.md.
+
 An upper reference for routing methods (Any-SSR, SAPT): the task id of every evaluation example is
-given, which a real continual learner does not get. Tasks not trained yet use the base model.
+given, which a real continual learner does not get. Tasks not trained yet use the base model (their
+slot is still zero).
 """
+from __future__ import annotations
+
 import dataclasses
+from typing import final
 
 import jax
 import jax.numpy as jnp
 
-from jaxcl.methods.lora_bank import LoRABank, num_slots
+from jaxcl.methods.lora_bank import IncrementalLoRA, LoRABank
 
 
-def one_hot_ctx(columns: jax.Array, num_columns: int) -> dict:
-    """Per-example LoRA weights selecting bank column ``columns[b]``."""
-    return {"task_weights": jax.nn.one_hot(columns, num_columns, dtype=jnp.float32)}
+def own_slot_weights(task_ids: jax.Array, current_task: jax.Array, num_slots: int) -> jax.Array:
+    """``(B, T + 1)`` one-hot bank weights: rows of the task being trained use the current LoRA
+    (column T), rows of other tasks (replayed, or at evaluation) their own slot.
+
+    Examples:
+      >>> own_slot_weights(jnp.array([1, 0]), jnp.int32(1), 3).tolist()
+      [[0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]]
+    """
+    columns = jnp.where(task_ids == current_task, num_slots, task_ids)
+    return jax.nn.one_hot(columns, num_slots + 1, dtype=jnp.float32)
 
 
+@final
 @dataclasses.dataclass(frozen=True)
-class PerTask(LoRABank):
+class PerTask(IncrementalLoRA):
     name = "per_task"
 
-    def train_ctx(self, model, state, batch):
+    def train_ctx(self, model, state, batch, step):
         del model
-        # Examples of the task being trained use the current LoRA (last column); replayed examples
-        # of finished tasks use their own slot.
-        slots = num_slots(state)
-        ids = batch["task_ids"]
-        current = jnp.max(ids)
-        return one_hot_ctx(jnp.where(ids == current, slots, ids), slots + 1)
+        return own_slot_weights(batch["task_ids"], step.task, LoRABank.num_slots(state.fixed.past))
 
-    def eval_ctx(self, model, state, batch, task):
-        # Every task is evaluated after its LoRA was stored in its slot (or before: a zero slot).
-        n = batch["input_ids"].shape[0]
-        return one_hot_ctx(jnp.full((n,), task), num_slots(state) + 1)
+    def eval_ctx(self, model, state, batch):
+        del model
+        # Every task is evaluated after its LoRA moved to its slot (or before training: a zero slot),
+        # so no row is "current" (-1 matches no task).
+        return own_slot_weights(batch["task_ids"], jnp.int32(-1), LoRABank.num_slots(state.fixed.past))
+
+    def adapter(self, state, ctx, key=None):
+        return self.bank.adapter(state.params.lora, state.fixed.past, ctx, key)

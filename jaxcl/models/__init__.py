@@ -1,11 +1,11 @@
 """Flax NNX Llama and T5, checkpoint loading, generation, and the adapter sites methods plug into."""
 from jaxcl.models.sites import Adapter, SiteHook
 from jaxcl.models.llama import Llama, LlamaConfig
-from jaxcl.models.loading import ModelLoadError, load_model
+from jaxcl.models.loading import ModelLoadError, load_model, load_tokenizer
 from jaxcl.models.generate import generate
 
 __all__ = ["Adapter", "Llama", "LlamaConfig", "ModelLoadError", "SiteHook", "T5", "T5Config",
-           "generate", "load_model"]
+           "generate", "load_model", "load_tokenizer"]
 
 
 def __getattr__(name):

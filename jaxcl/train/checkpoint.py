@@ -26,11 +26,24 @@ def write_json_atomic(path: str, obj: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # the content is on disk before the name points at it
         os.replace(tmp, path)
+        _fsync_directory(directory)  # and the new name is on disk too
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _fsync_directory(directory: str) -> None:
+    if not hasattr(os, "O_DIRECTORY"):  # Windows: a directory cannot be opened for fsync
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Checkpointer:
@@ -55,6 +68,9 @@ class Checkpointer:
         if step is None:
             return None
         return step, self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def delete(self, step: int) -> None:
+        self._manager.delete(step)
 
     def has(self, step: int, name: str) -> bool:
         return os.path.isdir(os.path.join(self.directory, str(step), name))

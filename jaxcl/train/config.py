@@ -8,6 +8,7 @@ A config file looks like::
     dtype: float32
     attention: null            # null (masked attention) | cudnn (GPU flash attention) | xla
     remat: false               # true, or a jax.checkpoint_policies name
+    scan_layers: true          # false unrolls the layer stack (faster steps on GPUs, longer compiles)
     data:
       source: bundled          # bundled | cl_benchmark | superni | trace
       root: null               # folder of the benchmark (not for bundled)
@@ -24,6 +25,8 @@ from typing import Any, Optional, Union
 
 import jax
 import yaml
+
+from jaxcl.train.compilation import DEFAULT_CACHE
 
 
 class ConfigError(ValueError):
@@ -56,6 +59,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = None
     seed: int = 0
     checkpoint_every: int = 0              # steps; 0 = only at the end of each task
+    init_adapter: Optional[str] = None     # a PEFT LoRA folder the first LoRA starts from (``jaxcl.export``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +91,13 @@ class RunConfig:
     dtype: str = "float32"
     attention: Optional[str] = None        # None | "cudnn" | "xla": the models' uncached attention path
     remat: Union[bool, str] = False        # recompute layers in the backward: True or a checkpoint policy
+    scan_layers: bool = True               # False: the layers unrolled (no per-layer weight slicing)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    compile_cache: Optional[str] = DEFAULT_CACHE   # persistent XLA compilation cache folder; null = off
+    tensorboard: bool = True               # TensorBoard event files in the run folder (``train/events.py``)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,6 +156,13 @@ def from_dict(values: dict, where: str = "config") -> RunConfig:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level, got {type(values).__name__}")
     cfg = _build(RunConfig, values, where)
+    for field, value, ok, wanted in _ranges(cfg):
+        if not ok:
+            raise ConfigError(f"{where}.{field}: expected {wanted}, got {value!r}")
+    order = cfg.data.order
+    if isinstance(order, list) and (not order or not all(isinstance(name, str) for name in order)):
+        raise ConfigError(f"{where}.data.order: expected an order name or a non-empty list of task names "
+                          f"(strings), got {order!r}")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"{where}.train.batch_size ({cfg.train.batch_size}) must be a multiple of "
                           f"train.grad_accum ({cfg.train.grad_accum})")
@@ -168,6 +182,69 @@ def from_dict(values: dict, where: str = "config") -> RunConfig:
         raise ConfigError(f"{where}.remat: expected true/false or a jax.checkpoint_policies name "
                           f"(e.g. 'dots_with_no_batch_dims_saveable'), got {cfg.remat!r}")
     return cfg
+
+
+def _ranges(cfg: RunConfig) -> list[tuple[str, Any, bool, str]]:
+    """``(field, value, whether it is in range, the range)`` of every numeric field with a range
+    (NaN is in none: every comparison with it is false)."""
+    t, e, d = cfg.train, cfg.eval, cfg.data
+    return [
+        ("train.steps_per_task", t.steps_per_task, t.steps_per_task is None or t.steps_per_task >= 1,
+         "an integer >= 1 or null (then train.epochs counts)"),
+        ("train.epochs", t.epochs, t.epochs > 0, "a number > 0"),
+        ("train.batch_size", t.batch_size, t.batch_size >= 1, "an integer >= 1"),
+        ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, "an integer >= 1"),
+        ("train.lr", t.lr, t.lr > 0, "a learning rate > 0"),
+        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "an integer >= 0"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "a number >= 0"),
+        ("train.momentum", t.momentum, 0 <= t.momentum < 1, "a number in [0, 1)"),
+        ("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm is None or t.max_grad_norm > 0,
+         "a number > 0 or null"),
+        ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0,
+         "an integer >= 0 (0: only at the end of each task)"),
+        ("eval.max_new_tokens", e.max_new_tokens, e.max_new_tokens >= 1, "an integer >= 1"),
+        ("eval.batch_size", e.batch_size, e.batch_size >= 1, "an integer >= 1"),
+        ("eval.max_test_per_task", e.max_test_per_task,
+         e.max_test_per_task is None or e.max_test_per_task >= 1, "an integer >= 1 or null"),
+        ("data.max_train_per_task", d.max_train_per_task,
+         d.max_train_per_task is None or d.max_train_per_task >= 1, "an integer >= 1 or null"),
+        ("data.validation_fraction", d.validation_fraction, 0 <= d.validation_fraction < 1, "a number in [0, 1)"),
+        ("data.max_prompt_tokens", d.max_prompt_tokens, d.max_prompt_tokens >= 1, "an integer >= 1"),
+        ("data.max_answer_tokens", d.max_answer_tokens, d.max_answer_tokens >= 1, "an integer >= 1"),
+    ]
+
+
+# Fields a resumed run may change (``--allow-changed``): they alter neither the shapes of the saved
+# state nor what the steps already taken computed.
+RESUMABLE_CHANGES = ("train.lr", "train.checkpoint_every", "compile_cache", "attention", "remat",
+                     "mesh.data", "mesh.fsdp", "mesh.tensor")
+
+
+def flat_fields(values: dict, prefix: str = "") -> dict:
+    """``{"train.lr": 0.001, ...}``: the leaves of a config mapping by dotted name."""
+    out = {}
+    for key, value in values.items():
+        name = prefix + key
+        if isinstance(value, dict) and key != "method_args":
+            out.update(flat_fields(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_resume(saved: dict, cfg: RunConfig, allowed: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError naming every field where ``cfg`` differs from the ``saved`` config of the run
+    it resumes, except those in ``allowed`` (each must be one of ``RESUMABLE_CHANGES``)."""
+    unsafe = sorted(set(allowed) - set(RESUMABLE_CHANGES))
+    if unsafe:
+        raise ConfigError(f"--allow-changed {','.join(unsafe)}: not a field a resumed run may change; "
+                          f"those are {', '.join(RESUMABLE_CHANGES)}")
+    old, new = flat_fields(saved), flat_fields(cfg.to_dict())
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in allowed)
+    if differ:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ)
+        raise ConfigError(f"the config differs from the checkpointed run's in {shown}; resume with the same "
+                          f"config (or --allow-changed FIELD,... for {', '.join(RESUMABLE_CHANGES)})")
 
 
 def load(path: str) -> RunConfig:

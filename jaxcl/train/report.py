@@ -1,4 +1,4 @@
-"""Reading results.json back: a printed accuracy matrix with metrics, and a heatmap PNG."""
+"""Reading a run back: a printed accuracy matrix with metrics, a heatmap PNG, the wrong answers."""
 from __future__ import annotations
 
 import json
@@ -25,6 +25,34 @@ def load_results(directory: str) -> dict:
     if missing:
         raise ReportError(f"{path}: missing field(s) {missing}")
     return results
+
+
+def wrong_answers(directory: str, limit: int, prompt_chars: int = 160) -> str:
+    """Up to ``limit`` wrong answers (score below 100) per task of the run's last evaluation in
+    ``predictions.jsonl``, as text; a prompt shows its last ``prompt_chars`` characters (where the
+    instance is, after any instructions)."""
+    path = os.path.join(directory, "predictions.jsonl")
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not rows:
+        raise ReportError(f"{path}: no predictions")
+    last = rows[-1]["after"]
+    rows = [r for r in rows if r["after"] == last]
+    lines = [f"wrong answers after {last} (up to {limit} per task):"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        of_task = [r for r in rows if r["task"] == task]
+        wrong = [r for r in of_task if r["score"] < 100.0]
+        lines.append(f"  {task}: {len(wrong)} of {len(of_task)} wrong")
+        for r in wrong[:limit]:
+            prompt = r["prompt"] if len(r["prompt"]) <= prompt_chars else "..." + r["prompt"][-prompt_chars:]
+            lines.append(f"    #{r['index']} {prompt!r} -> {r['prediction']!r} (expected "
+                         f"{' or '.join(map(repr, r['references']))}; score {r['score']:.0f})")
+    return "\n".join(lines)
 
 
 def _fmt(x) -> str:
@@ -61,6 +89,12 @@ def format_comparison(runs: list[dict]) -> str:
 
 def heatmap(results: dict, path: str) -> str:
     """Write the accuracy matrix as a PNG heatmap; returns the path."""
+    _save(heatmap_figure(results), path)
+    return path
+
+
+def heatmap_figure(results: dict):
+    """The accuracy matrix as a matplotlib heatmap figure (the caller closes it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,8 +113,8 @@ def heatmap(results: dict, path: str) -> str:
                     color="white" if matrix[i, j] < 60 else "black")
     ax.set_title(f"{results['method']}: score (%) on task j after training task i")
     fig.colorbar(im, ax=ax)
-    _save(fig, path)
-    return path
+    fig.tight_layout()
+    return fig
 
 
 def budget_plot(results: dict, path: str) -> str | None:

@@ -9,31 +9,32 @@ Distribution is ``jax.jit`` over arrays placed with ``NamedSharding`` on one mes
 built with ``Auto`` axis types: placement is explicit at the inputs and XLA propagates it through
 the step. Batches are split over ``('data', 'fsdp')``.
 
-Weight rules (by the parameter's path in ``nnx.to_pure_dict`` of a Llama or T5, applied to the
-trailing dimensions, so stacked ``(num_layers, ...)`` weights keep their layer axis whole):
+Weights and every method's state declare the logical name of each array dimension where they are
+created (the models' weight tables, ``jaxcl.methods.axes.logical``); one table, ``RULES``, maps
+the names to mesh axes:
 
-  projections into a layer (``q k v gate up wi wi_0 wi_1``), ``(d_in, d_out)``: ``(fsdp, tensor)``
-  projections out of a layer (``o down wo``), ``(d_in, d_out)``:               ``(tensor, fsdp)``
-  token embedding (``embed``, ``shared``), ``(vocab, d)``:                     ``(tensor, fsdp)``
-  ``lm_head``, ``(d, vocab)``:                                                 ``(fsdp, tensor)``
-  everything else (norms, the T5 relative-position table, scalars):           replicated
+  ``embed`` (the model width), ``mask`` (MIST's entries), ``expansion`` (Any-SSR's features): ``fsdp``
+  ``q_heads``, ``kv_heads``, ``mlp``, ``vocab``: ``tensor``, else ``fsdp``
+  everything else (``layers``, ``tasks``, ``rank``, ``experts``, ...): never split
 
-Adapters follow their base weight: a leaf named ``a`` (``(..., r, d_in)``, the LoRA layout of
-``jaxcl.kernels.lora``) under a site key such as ``attn.q`` is split along ``d_in`` like the site's
-weight, and a leaf named ``b`` (``(..., d_out, r)``) along ``d_out``; other method-state leaves are
-replicated. The same rules place optimizer states (their paths end like the parameter's). A mesh axis
-that does not divide a dimension leaves that dimension whole (tiny test models stay placeable).
+A dimension takes its first mesh axis when no other dimension of the array took it, and its later
+ones in a second pass: a projection ``(embed, q_heads)`` is ``(fsdp, tensor)``, its LoRA ``b``
+``(q_heads, rank)`` is ``((tensor, fsdp), -)``, so under ``fsdp`` every large leaf is split. A mesh
+axis that does not divide a dimension leaves it whole (tiny test models stay placeable). Optimizer
+states follow their parameters: a leaf of the state whose path ends with a parameter's path and has
+its shape gets that parameter's sharding; the rest (step counts) is replicated.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxcl.methods.axes import Axes
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -43,17 +44,12 @@ COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "JAXCL_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAXCL_PROCESS_ID"
 
-_INTO_LAYER = r"q|k|v|gate|up|wi|wi_0|wi_1"
-_OUT_OF_LAYER = r"o|down|wo"
-# (pattern on the last path key, spec of the trailing dims)
-_WEIGHT_RULES = (
-    (re.compile(rf"(?:^|_)(?:{_INTO_LAYER})$"), ("fsdp", "tensor")),
-    (re.compile(rf"(?:^|_)(?:{_OUT_OF_LAYER})$"), ("tensor", "fsdp")),
-    (re.compile(r"^(?:embed|shared)$"), ("tensor", "fsdp")),
-    (re.compile(r"^lm_head$"), ("fsdp", "tensor")),
-)
-# An adapter site key (``attn.q``, ``encoder.self_attn.v``, ``decoder.mlp.wi_0``) -> its projection.
-_SITE = re.compile(r"^(?:[a-z_]+\.)+([a-z_0-9]+)$")
+# logical axis -> mesh axes, in order of preference
+RULES = {
+    "embed": ("fsdp",), "mask": ("fsdp",), "expansion": ("fsdp",),
+    "q_heads": ("tensor", "fsdp"), "kv_heads": ("tensor", "fsdp"), "mlp": ("tensor", "fsdp"),
+    "vocab": ("tensor", "fsdp"),
+}
 
 
 class MeshError(ValueError):
@@ -117,63 +113,61 @@ def make_mesh(config: Any, devices: Optional[Sequence[jax.Device]] = None) -> Me
     return jax.make_mesh(tuple(sizes), AXES, axis_types=auto, devices=devices)
 
 
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
+def logical_spec(names: Sequence[Optional[str]], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The ``PartitionSpec`` of an array whose dimensions have the logical ``names`` (see ``RULES``).
 
-
-def _trailing(spec: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """``spec`` on the last ``len(spec)`` dims of ``shape``, in the canonical form XLA gives outputs.
-
-    Axes of size 1 and axes that do not divide their dimension are dropped, and so are trailing
-    ``None``s: a jitted step whose outputs come back with exactly its input shardings compiles once.
+    Trailing ``None``s are dropped (the canonical form XLA gives outputs, so a jitted step whose
+    outputs come back with its input shardings compiles once).
     """
-    if len(shape) < len(spec):
-        return PartitionSpec()
-    lead = (None,) * (len(shape) - len(spec))
-    fitted = [axis if axis is not None and mesh.shape[axis] > 1 and shape[len(lead) + i] % mesh.shape[axis] == 0
-              else None for i, axis in enumerate(spec)]
-    dims = list(lead) + fitted
-    while dims and dims[-1] is None:
-        dims.pop()
-    return PartitionSpec(*dims)
+    if len(names) != len(shape):
+        raise ValueError(f"sharding: {len(names)} axis names {tuple(names)} for shape {shape}")
+    dims: list[list[str]] = [[] for _ in shape]
+    used: set[str] = set()
+    size = [int(n) for n in shape]
+    for rank in range(2):  # first choices first, then second choices
+        for i, name in enumerate(names):
+            options = RULES.get(name, ())
+            if rank < len(options):
+                axis = options[rank]
+                ways = int(np.prod([mesh.shape[a] for a in dims[i]] or [1])) * mesh.shape[axis]
+                if axis not in used and mesh.shape[axis] > 1 and size[i] % ways == 0:
+                    dims[i].append(axis)
+                    used.add(axis)
+    spec = [None if not d else (d[0] if len(d) == 1 else tuple(d)) for d in dims]
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
 
 
-def _projection_spec(name: str) -> Optional[tuple]:
-    for pattern, spec in _WEIGHT_RULES[:2]:
-        if pattern.search(name):
-            return spec
-    return None
+def _is_axes(x) -> bool:
+    return isinstance(x, Axes)
 
 
-def leaf_spec(path: Sequence[str], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """The ``PartitionSpec`` of one array by its path keys (see the module docstring)."""
-    if not path or not shape:
-        return PartitionSpec()
-    last = path[-1]
-    if last in ("a", "b") and len(path) >= 2:
-        site = next((k for k in reversed(path[:-1]) if _SITE.match(k)), None)
-        if site is not None:
-            weight_spec = _projection_spec(_SITE.match(site).group(1))
-            if weight_spec is None:
-                return PartitionSpec()
-            # a: (..., r, d_in) follows the weight's d_in axis; b: (..., d_out, r) its d_out axis.
-            spec = (weight_spec[0],) if last == "a" else (weight_spec[1], None)
-            return _trailing(spec, shape, mesh)
-    for pattern, spec in _WEIGHT_RULES:
-        if pattern.search(last):
-            return _trailing(spec, shape, mesh)
-    return PartitionSpec()
+def tree_shardings(mesh: Mesh, values: Any, axes: Any) -> Any:
+    """A ``NamedSharding`` for every array leaf of ``values`` from the ``Axes`` leaves of ``axes``
+    (same structure; ``None`` leaves of ``values`` stay ``None``)."""
+    return jax.tree.map(lambda a, v: NamedSharding(mesh, logical_spec(a.names, tuple(np.shape(v)), mesh)),
+                        axes, values, is_leaf=_is_axes)
 
 
-def tree_shardings(mesh: Mesh, tree: Any) -> Any:
-    """A ``NamedSharding`` for every array leaf of ``tree`` (params, method or optimizer state)."""
-    def sharding(path, leaf):
-        keys = [_key_name(k) for k in path]
-        return NamedSharding(mesh, leaf_spec(keys, tuple(np.shape(leaf)), mesh))
-    return jax.tree_util.tree_map_with_path(sharding, tree)
+def follow_params(mesh: Mesh, state: Any, params: Any, param_shardings: Any) -> Any:
+    """Shardings for an optimizer state: a leaf whose path ends with a parameter's path and has its
+    shape gets that parameter's sharding, every other leaf is replicated."""
+    table = {}
+    for (path, value), sharding in zip(jax.tree_util.tree_leaves_with_path(params),
+                                       jax.tree.leaves(param_shardings)):
+        table[jax.tree_util.keystr(path)] = (tuple(np.shape(value)), sharding)
+
+    longest_first = sorted(table.items(), key=lambda item: -len(item[0]))
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for suffix, (shape, sharding) in longest_first:
+            if key.endswith(suffix) and tuple(np.shape(leaf)) == shape:
+                return sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, state)
 
 
 def _put(value: Any, sharding: NamedSharding) -> jax.Array:
@@ -184,9 +178,9 @@ def _put(value: Any, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def place(mesh: Mesh, tree: Any) -> Any:
-    """``tree`` with every array leaf placed by the rules (``None`` leaves stay ``None``)."""
-    return jax.tree.map(_put, tree, tree_shardings(mesh, tree))
+def place(tree: Any, shardings: Any) -> Any:
+    """``tree`` with every array leaf placed by ``shardings`` (``None`` leaves stay ``None``)."""
+    return jax.tree.map(_put, tree, shardings)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -51,8 +51,12 @@ def test_decoder_answer_gets_one_leading_space_and_eos():
     tok = tokenize_example(Example("Q\nAnswer:", "cold"), CharTokenizer(), DEC)
     assert tok.prompt.tolist() == _ids("Q\nAnswer:")
     assert tok.answer.tolist() == _ids(" cold") + [2]
-    # A prompt that already ends in whitespace (SuperNI's "Output: ") gets no extra space.
-    assert tokenize_example(Example("Output: ", "POS"), CharTokenizer(), DEC).answer.tolist() == _ids("POS") + [2]
+    # A prompt ending in a space (SuperNI's "Output: ") hands that space to the answer; the text is unchanged.
+    tok = tokenize_example(Example("Output: ", "POS"), CharTokenizer(), DEC)
+    assert (tok.prompt.tolist(), tok.answer.tolist()) == (_ids("Output:"), _ids(" POS") + [2])
+    # Any other trailing whitespace stays in the prompt, and no space is added.
+    tok = tokenize_example(Example("Q\n", "POS"), CharTokenizer(), DEC)
+    assert (tok.prompt.tolist(), tok.answer.tolist()) == (_ids("Q\n"), _ids("POS") + [2])
     # Encoder-decoder targets are the bare answer.
     target = tokenize_example(Example("Answer:", "cold"), CharTokenizer(add_eos=True), S2S).answer
     assert target.tolist() == _ids("cold") + [2]
@@ -77,10 +81,11 @@ def test_answer_tokens_are_those_of_running_text():
     tok = tokenize_example(Example("x\nAnswer:", "cold"), tokenizer, spec)
     assert tok.answer.tolist() == [tokenizer.vocab["▁cold"], 2]
     assert "▁▁cold" not in tokenizer.vocab  # a separately encoded " cold" would have given this piece
-    # "Output: " + "POS": the joined ids do not extend the prompt's, so the answer is encoded alone.
+    # "Output: " + "POS" is cut as "Output:" | " POS": no lone "▁" piece ends the prompt.
     tok = tokenize_example(Example("Output: ", "POS"), tokenizer, spec)
-    assert tok.prompt.tolist() == [tokenizer.vocab["▁Output:"], tokenizer.vocab["▁"]]
+    assert tok.prompt.tolist() == [tokenizer.vocab["▁Output:"]]
     assert tok.answer.tolist() == [tokenizer.vocab["▁POS"], 2]
+    assert "▁" not in tokenizer.vocab
 
 
 def test_default_special_tokens_are_detected():

@@ -5,6 +5,7 @@ import pytest
 
 from jaxcl.data import (
     DataError,
+    DataWarning,
     Example,
     Task,
     cl_benchmark_prompt,
@@ -108,6 +109,37 @@ def test_label_not_in_labels_json(tmp_path):
         load_cl_benchmark_task(root, "toy")
 
 
+def test_mnli_pairs_without_gold_label_are_left_out_with_one_warning(fixtures_dir):
+    root = os.path.join(fixtures_dir, "cl_benchmark")
+    with pytest.warns(DataWarning, match=r"NLI/MNLI/test\.json: left out 2 of 4 examples labelled '-'") as caught:
+        task = load_cl_benchmark_task(root, "MNLI")
+    assert len(caught) == 1
+    assert [e.answer for e in task.test] == ["entailment", "contradiction"]
+    assert task.test[1].prompt.endswith("sentence 2: The shop is open.\nAnswer:")
+    assert len(task.train) == 3
+
+
+def test_no_gold_marker_is_an_error_outside_mnli(tmp_path):
+    root = _task_dir(tmp_path, '[{"sentence": "ok", "label": "a"}]', test='[{"sentence": "x", "label": "-"}]')
+    with pytest.raises(DataError, match=r"TC/toy/test\.json: example 0: label '-' is not in labels\.json"):
+        load_cl_benchmark_task(root, "toy")
+
+
+def test_unknown_label_in_mnli_is_still_an_error(tmp_path):
+    records = '[{"sentence": "x", "label": "-"}, {"sentence": "y", "label": "Entailment"}]'
+    for name, text in (("train.json", records), ("test.json", records), ("labels.json", '["entailment", "neutral"]')):
+        _write(str(tmp_path / "NLI" / "MNLI" / name), text)
+    with pytest.raises(DataError, match=r"NLI/MNLI/train\.json: example 1: label 'Entailment' is not in labels"):
+        load_cl_benchmark_task(str(tmp_path), "MNLI")
+
+
+def test_split_of_only_no_gold_pairs_is_an_error(tmp_path):
+    for name, text in (("train.json", '[{"sentence": "x", "label": "-"}]'), ("labels.json", '["entailment"]')):
+        _write(str(tmp_path / "NLI" / "MNLI" / name), text)
+    with pytest.raises(DataError, match=r"NLI/MNLI/train\.json: every example has the no-gold-label marker '-'"):
+        load_cl_benchmark_task(str(tmp_path), "MNLI")
+
+
 def test_empty_task(tmp_path):
     root = _task_dir(tmp_path, "[]")
     with pytest.raises(DataError, match=r"TC/toy/train\.json: the split is empty"):
@@ -121,7 +153,7 @@ def test_missing_test_split_names_file(tmp_path):
 
 
 def test_unknown_task_lists_known_ones(fixtures_dir):
-    known = r"\['agnews', 'COPA', 'opposites', 'SST-2'\]"
+    known = r"\['agnews', 'COPA', 'MNLI', 'opposites', 'SST-2'\]"
     with pytest.raises(DataError, match=r"unknown task 'imdb'; known tasks: " + known):
         load_cl_benchmark_task(os.path.join(fixtures_dir, "cl_benchmark"), "imdb")
 

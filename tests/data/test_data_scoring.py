@@ -50,6 +50,13 @@ def test_rouge_l_sanity():
     # LCS 3 of 3 predicted and 6 gold tokens: P = 1, R = 0.5, F = 2/3.
     assert partial == pytest.approx(2 / 3)
     assert rouge_l("cats running", "cat runs") == pytest.approx(1.0)  # Porter stemming
+    assert rouge_l("The CAT, sat!", "the cat sat") == pytest.approx(1.0)  # case and punctuation ignored
+
+
+def test_rouge_l_is_over_the_whole_text_not_per_line():
+    # SAPT scores rougeL: one LCS over all tokens ("a b" here: F = 2/4); rougeLsum would match the
+    # two lines separately and give 1.
+    assert rouge_l("a b\nc d", "c d\na b") == pytest.approx(0.5)
 
 
 @settings(max_examples=150, deadline=None)

@@ -74,12 +74,12 @@ def test_kl_to_target_is_zero_at_target_and_nonnegative(case, seed):
 @given(seed=SEEDS, lead=st.sampled_from(((), (3,), (2, 5))))
 def test_query_network(seed, lead):
     params = sel.query_init(jax.random.key(seed), D, bottleneck=7)
-    assert params["w_down"].shape == (D, 7) and params["w_up"].shape == (7, D)
-    params = {**params, "ln_scale": params["ln_scale"] * 2.0, "ln_bias": params["ln_bias"] + 0.5}
+    assert params.w_down.shape == (D, 7) and params.w_up.shape == (7, D)
+    params = params._replace(ln_scale=params.ln_scale * 2.0, ln_bias=params.ln_bias + 0.5)
     e = np.random.default_rng(seed).standard_normal((*lead, D)).astype(np.float32)
     out = np.asarray(query(params, jnp.asarray(e)))
     assert out.shape == (*lead, D)
-    h = e.astype(np.float64) @ np.asarray(params["w_down"], np.float64) @ np.asarray(params["w_up"], np.float64)
+    h = e.astype(np.float64) @ np.asarray(params.w_down, np.float64) @ np.asarray(params.w_up, np.float64)
     h = h / (1 + np.exp(-h))  # SiLU after the two linears, none between them
     ref = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-5) * 2.0 + 0.5
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)

@@ -81,6 +81,21 @@ def test_concat_then_apply_is_sum_of_applies(d_in, d_out, rank, alpha, n_past, s
     np.testing.assert_array_equal(lora.concat(empty, adapters[0])["a"], adapters[0]["a"])
 
 
+@settings(max_examples=8, deadline=None)
+@given(d_in=D_IN, d_out=D_OUT, rank=RANK, slots=st.integers(1, 3), weighted=st.booleans(), seed=SEEDS)
+def test_apply_bank_is_the_per_example_weighted_sum_of_applies(d_in, d_out, rank, slots, weighted, seed):
+    adapters = [_trained(seed + i, d_in, d_out, rank) for i in range(slots)]
+    a = jnp.stack([p["a"] for p in adapters])
+    b = jnp.stack([p["b"] for p in adapters])
+    x = _normal(seed + 100, (2, 3, d_in))
+    weights = _normal(seed + 200, (2, slots)) if weighted else None
+    out = jax.jit(lora.apply_bank, static_argnums=(3, 4))(a, b, x, 16.0, rank, weights)
+    for row in range(2):
+        expected = sum((1.0 if weights is None else float(weights[row, t])) * apply(adapters[t], x[row], 16.0, rank)
+                       for t in range(slots))
+        np.testing.assert_allclose(out[row], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_apply_computes_in_input_dtype():
     params = _trained(0, 16, 8, 4)
     x = _normal(1, (2, 16))
@@ -111,5 +126,5 @@ def test_bad_inputs_raise():
         lora.concat(p, q)
     with pytest.raises(ValueError, match=r"\(d_in, d_out\)"):
         lora.merge(jnp.zeros((3, 4)), p, 8.0, 2)
-    with pytest.raises(ValueError, match="dropout rate"):
+    with pytest.raises(ValueError, match=r"lora.dropout: rate must be in \[0, 1\)"):
         lora.apply(p, jnp.ones((1, 4)), 8.0, 2, dropout_key=jax.random.key(0), rate=1.0)

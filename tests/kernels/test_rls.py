@@ -166,6 +166,15 @@ def test_zero_rows_change_nothing(dim, n, pad, seed):
     np.testing.assert_allclose(padded.W, plain.W, rtol=1e-5, atol=1e-6)
 
 
+def test_init_follows_the_default_float_dtype(x64):
+    assert rls.init(3, 1, 1.0).R.dtype == jnp.float32
+    with x64():
+        state = rls.init(3, 1, 1.0)
+        assert state.R.dtype == state.W.dtype == jnp.float64
+        assert rls.init(3, 1, 1.0, dtype=jnp.float32).W.dtype == jnp.float32
+    assert rls.init(3, 1, 1.0, dtype=np.dtype(jnp.bfloat16)).R.dtype == jnp.bfloat16
+
+
 def test_init_and_shape_errors():
     state = rls.init(4, 2, 0.5)
     np.testing.assert_array_equal(state.R, 2.0 * np.eye(4))

@@ -2,42 +2,47 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxcl.kernels import lora as lora_kernel
-from jaxcl.methods import IncLoRA, OLoRA, PerTask, SeqLoRA, TaskInfo
-from jaxcl.methods.lora_bank import num_slots
+from jaxcl.methods import IncLoRA, MethodState, ModelInfo, OLoRA, PerTask, SeqLoRA, StepContext, TaskInfo
+from jaxcl.methods import axes
+from jaxcl.methods.lora_bank import Current, LoRA, LoRABank
 
 SHAPES = {"attn.q": (3, 16, 12), "attn.v": (3, 16, 8)}
+MODEL = ModelInfo(SHAPES, {"attn.q": ("embed", "q_heads"), "attn.v": ("embed", "kv_heads")}, 16, False)
+STEP = StepContext.start(0, 1, 0)
 
 
-def _trained(method, key, state):
-    """Pretend training happened: give the current LoRA random non-zero b."""
-    lora = jax.tree.map(lambda x: x, state["train"]["lora"])
-    for i, site in enumerate(sorted(lora)):
-        b = lora[site]["b"]
-        lora[site] = dict(lora[site], b=jax.random.normal(jax.random.fold_in(key, i), b.shape))
-    return {"train": {"lora": lora}, "fixed": state["fixed"]}
+def _trained(key, state):
+    """Pretend training happened: give the current LoRA a random non-zero b."""
+    lora = {site: l._replace(b=jax.random.normal(jax.random.fold_in(key, i), l.b.shape))
+            for i, (site, l) in enumerate(sorted(state.params.lora.items()))}
+    return state._replace(params=Current(lora))
 
 
 def _run_tasks(method, n_tasks, seed=0):
+    """``n_tasks`` begin/end cycles with pretend training; one slot more than trained stays empty."""
     key = jax.random.PRNGKey(seed)
-    state = method.init(key, SHAPES, n_tasks + 1)  # one slot more than trained: stays empty
+    state = axes.values(method.init(key, MODEL, n_tasks + 1))
     history = []
     for t in range(n_tasks):
-        info = TaskInfo(t, n_tasks)
-        state = method.begin_task(jax.random.fold_in(key, 2 * t + 1), state, info, SHAPES)
-        state = _trained(method, jax.random.fold_in(key, 100 + t), state)
-        history.append(jax.tree.map(lambda x: x, state["train"]["lora"]))
+        info = TaskInfo(t, n_tasks + 1)
+        state = method.begin_task(jax.random.fold_in(key, 2 * t + 1), state, info)
+        state = _trained(jax.random.fold_in(key, 100 + t), state)
+        history.append(state.params.lora)
         state = method.end_task(state, info)
     return state, history
 
 
-def _delta(method, state, site, x, ctx):
+def _delta(method, state, site, x, ctx, layer=0):
     adapter = method.adapter(state, ctx)
-    layer0 = jax.tree.map(lambda a: a[0], adapter.params[site])
-    return adapter.hook.delta_fn(site, layer0, x, ctx)
+    sliced = jax.tree.map(lambda a: a[layer], adapter.params[site])
+    return adapter.hook.delta_fn(site, sliced, x, adapter.ctx)
+
+
+def _own(lora, x, method, layer=0):
+    return lora_kernel.apply({"a": lora.a[layer], "b": lora.b[layer]}, x, method.alpha, method.rank)
 
 
 @settings(max_examples=10, deadline=None)
@@ -45,70 +50,87 @@ def _delta(method, state, site, x, ctx):
 def test_inc_lora_sums_every_task_adapter(n_tasks, seed):
     method = IncLoRA(dropout=0.0)
     state, history = _run_tasks(method, n_tasks, seed)
-    assert num_slots(state) == n_tasks + 1
+    assert LoRABank.num_slots(state.fixed.past) == n_tasks + 1
     x = jax.random.normal(jax.random.PRNGKey(seed + 1), (2, 5, 16))
-    expected = sum(lora_kernel.apply(jax.tree.map(lambda a: a[0], h["attn.q"]), x, method.alpha, method.rank)
-                   for h in history)
+    expected = sum(_own(h["attn.q"], x, method) for h in history)
+    assert float(jnp.abs(expected).max()) > 0
     np.testing.assert_allclose(_delta(method, state, "attn.q", x, None), expected, rtol=1e-5, atol=1e-5)
+    # the current LoRA after end_task is zero: it adds nothing until the next task draws one
+    np.testing.assert_array_equal(state.params.lora["attn.q"].b, 0.0)
 
 
 @settings(max_examples=10, deadline=None)
 @given(n_tasks=st.integers(1, 4), seed=st.integers(0, 1000))
-def test_per_task_oracle_routes_each_example_to_its_own_adapter(n_tasks, seed):
+def test_per_task_oracle_evaluates_each_example_with_its_own_adapter(n_tasks, seed):
     method = PerTask(dropout=0.0)
     state, history = _run_tasks(method, n_tasks, seed)
     x = jax.random.normal(jax.random.PRNGKey(seed + 1), (n_tasks + 1, 5, 16))
     task_of_example = jnp.arange(n_tasks + 1)  # the last one is an unseen task (empty slot): base model
-    ctx = jax.nn.one_hot(task_of_example, num_slots(state) + 1)
-    out = _delta(method, state, "attn.v", x, {"task_weights": ctx})
+    ctx = method.eval_ctx(None, state, {"task_ids": task_of_example})
+    out = _delta(method, state, "attn.v", x, ctx, layer=1)
     for b in range(n_tasks):
-        own = lora_kernel.apply(jax.tree.map(lambda a: a[0], history[b]["attn.v"]), x[b], method.alpha, method.rank)
-        np.testing.assert_allclose(out[b], own, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out[b], _own(history[b]["attn.v"], x[b], method, layer=1), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out[n_tasks], 0.0)
+
+
+def test_per_task_training_sends_current_rows_to_the_current_lora_and_replayed_rows_to_their_slot():
+    method = PerTask(dropout=0.0)
+    state, history = _run_tasks(method, 2)
+    state = _trained(jax.random.PRNGKey(5), method.begin_task(jax.random.PRNGKey(4), state, TaskInfo(2, 3)))
+    x = jax.random.normal(jax.random.PRNGKey(6), (3, 4, 16))
+    batch = {"task_ids": jnp.array([2, 0, 1])}  # a current row, then two replayed rows
+    out = _delta(method, state, "attn.q", x, method.train_ctx(None, state, batch, StepContext.start(2, 5, 0)))
+    np.testing.assert_allclose(out[0], _own(state.params.lora["attn.q"], x[0], method), rtol=1e-5, atol=1e-5)
+    for row, task in ((1, 0), (2, 1)):
+        np.testing.assert_allclose(out[row], _own(history[task]["attn.q"], x[row], method), rtol=1e-5, atol=1e-5)
 
 
 def test_seq_lora_keeps_one_adapter_and_no_past():
     method = SeqLoRA()
     state, history = _run_tasks(method, 3)
-    assert "past" not in state["fixed"]
-    np.testing.assert_array_equal(state["train"]["lora"]["attn.q"]["b"], history[-1]["attn.q"]["b"])
+    assert state.fixed == ()
+    np.testing.assert_array_equal(state.params.lora["attn.q"].b, history[-1]["attn.q"].b)
 
 
 def test_dropout_only_in_training():
     method = IncLoRA(dropout=0.5)
     state, _ = _run_tasks(method, 1)
+    state = _trained(jax.random.PRNGKey(1), state)
     x = jnp.ones((2, 4, 16))
-    train = method.adapter(state, None, jax.random.PRNGKey(0))
-    assert "key" in train.params["attn.q"]
-    assert "key" not in method.adapter(state, None).params["attn.q"]
+    train = _delta(method, state, "attn.q", x, None) - _delta(method, state, "attn.q", x, None)
+    np.testing.assert_array_equal(train, 0.0)  # evaluation: deterministic
+    adapter = method.adapter(state, None, jax.random.PRNGKey(0))
+    sliced = jax.tree.map(lambda a: a[0], adapter.params["attn.q"])
+    dropped = adapter.hook.delta_fn("attn.q", sliced, x, None)
+    assert not np.allclose(dropped, _delta(method, state, "attn.q", x, None))
 
 
 def test_olora_penalty_is_official_formula():
     method = OLoRA(lambda1=0.5, dropout=0.0)
     state, _ = _run_tasks(method, 2)
-    state = method.begin_task(jax.random.PRNGKey(9), state, TaskInfo(2, 3), SHAPES)
-    assert float(method.extra_loss(state, None)) > 0
+    state = method.begin_task(jax.random.PRNGKey(9), state, TaskInfo(2, 3))
     expected = 0.0
     for site in SHAPES:
-        past = state["fixed"]["past"][site]["a"]      # (L, T, r, d)
-        new = state["train"]["lora"][site]["a"]       # (L, r, d)
+        past = np.asarray(state.fixed.past[site].a)   # (L, T, r, d)
+        new = np.asarray(state.params.lora[site].a)   # (L, r, d)
         for layer in range(past.shape[0]):
-            rows = past[layer].reshape(-1, past.shape[-1])
-            expected += 0.5 * np.abs(np.asarray(rows) @ np.asarray(new[layer]).T).sum()
-    np.testing.assert_allclose(method.extra_loss(state, None), expected, rtol=1e-5)
+            expected += 0.5 * np.abs(past[layer].reshape(-1, past.shape[-1]) @ new[layer].T).sum()
+    assert expected > 0
+    np.testing.assert_allclose(method.extra_loss(None, state, {}, STEP), expected, rtol=1e-5)
 
 
 def test_olora_hard_projection_makes_new_rows_orthogonal_to_past():
     method = OLoRA(hard_projection=True, dropout=0.0)
     state, _ = _run_tasks(method, 2)
-    state = method.begin_task(jax.random.PRNGKey(9), state, TaskInfo(2, 3), SHAPES)
+    state = method.begin_task(jax.random.PRNGKey(9), state, TaskInfo(2, 3))
     # a random "update" breaks orthogonality; post_update restores it
-    lora = jax.tree.map(lambda a: a + jax.random.normal(jax.random.PRNGKey(3), a.shape), state["train"]["lora"])
-    state = method.post_update({"train": {"lora": lora}, "fixed": state["fixed"]})
+    lora = {s: LoRA(l.a + jax.random.normal(jax.random.PRNGKey(3), l.a.shape), l.b)
+            for s, l in state.params.lora.items()}
+    before = method.extra_loss(None, state._replace(params=Current(lora)), {}, STEP)
+    state = method.post_update(MethodState(Current(lora), state.fixed), STEP)
     for site in SHAPES:
-        past = state["fixed"]["past"][site]["a"]
-        new = state["train"]["lora"][site]["a"]
+        past = np.asarray(state.fixed.past[site].a)
+        new = np.asarray(state.params.lora[site].a)
         for layer in range(past.shape[0]):
-            overlap = np.asarray(past[layer].reshape(-1, past.shape[-1])) @ np.asarray(new[layer]).T
-            assert np.abs(overlap).max() < 1e-4
-    assert float(method.extra_loss(state, None)) < 1e-3
+            assert np.abs(past[layer].reshape(-1, past.shape[-1]) @ new[layer].T).max() < 1e-4
+    assert float(before) > 1.0 and float(method.extra_loss(None, state, {}, STEP)) < 1e-3

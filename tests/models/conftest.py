@@ -48,28 +48,46 @@ def save_tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def save_tiny_llama(save_tiny_tokenizer):
-    """``save(directory, seed=0, **config_overrides) -> LlamaForCausalLM``: a tiny random torch Llama
-    (vocab 64, d 32, 2 layers, 4 heads / 2 kv heads; norm weights randomised too, so a mixed-up norm
-    shows) saved with ``save_pretrained`` plus the tiny tokenizer. Returned in eval mode, float32."""
+def save_tiny_causal_lm(save_tiny_tokenizer):
+    """``save(directory, family="llama", seed=0, **config_overrides) -> torch model``: a tiny random
+    transformers ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM`` (family
+    ``"llama"``, ``"qwen2"``, ``"mistral"``; vocab 64, d 32, 2 layers, 4 heads / 2 kv heads; norm weights
+    and biases randomised too, so a mixed-up norm or a dropped bias shows) saved with
+    ``save_pretrained`` plus the tiny tokenizer. Returned in eval mode, float32."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    def save(directory: str | pathlib.Path, seed: int = 0, **overrides):
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+               "mistral": ("MistralConfig", "MistralForCausalLM")}
+
+    def save(directory: str | pathlib.Path, family: str = "llama", seed: int = 0, **overrides):
+        config_class, model_class = (getattr(transformers, name) for name in classes[family])
         kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       initializer_range=0.1, bos_token_id=None, eos_token_id=EOS_ID,
                       pad_token_id=PAD_ID, attn_implementation="eager")
         kwargs.update(overrides)
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+        model = model_class(config_class(**kwargs)).eval()
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "norm" in name:
                     param.uniform_(0.5, 1.5)
+                elif name.endswith(".bias"):
+                    param.uniform_(-0.5, 0.5)
         model.save_pretrained(str(directory))
         save_tiny_tokenizer(directory, kwargs["vocab_size"])
         return model
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def save_tiny_llama(save_tiny_causal_lm):
+    """``save(directory, seed=0, **config_overrides) -> LlamaForCausalLM``: ``save_tiny_causal_lm``'s Llama."""
+
+    def save(directory: str | pathlib.Path, seed: int = 0, **overrides):
+        return save_tiny_causal_lm(directory, "llama", seed, **overrides)
 
     return save
 

@@ -1,7 +1,8 @@
 """The models' ``attention`` option (causal attention over row lengths, the form cuDNN flash attention
 takes on GPU) computes what the default boolean-mask attention computes at every real token, for
-left- and right-padded Llama batches and right-padded T5 batches; and ``remat`` policies by name give
+left- and right-padded Llama batches (also with a sliding window) and right-padded T5 batches; and ``remat`` policies by name give
 the gradients of the plain forward. (On CPU the length path runs with ``implementation="xla"``.)"""
+import dataclasses
 import functools
 
 import jax
@@ -31,9 +32,11 @@ def _jitted(model, fn):
     return lambda *args, attention: np.asarray(run(state, *args, attention=attention))
 
 
-@pytest.mark.parametrize("left", [False, True])
-def test_llama_length_attention_matches_the_mask(left):
-    hidden = _jitted(tiny_llama(64), lambda m, ids, mask: m.hidden(ids, mask))
+@pytest.mark.parametrize("left, window", [(False, None), (True, None), (True, 3)])
+def test_llama_length_attention_matches_the_mask(left, window):
+    model = tiny_llama(64)
+    model.config = dataclasses.replace(model.config, sliding_window=window)
+    hidden = _jitted(model, lambda m, ids, mask: m.hidden(ids, mask))
     rng = np.random.default_rng(int(left))
     batch, seq = 4, 13
     for _ in range(3):

@@ -72,6 +72,15 @@ def test_kv_cache_equals_full_recomputation(tiny):
     assert len({tuple(row) for row in cached}) > 1  # prompts of different lengths, different outputs
 
 
+def test_kv_cache_equals_full_recomputation_with_sliding_window(tmp_path, save_tiny_causal_lm):
+    """Mistral with a 3-slot window: the cached decoder's window covers prompt and generated slots."""
+    save_tiny_causal_lm(tmp_path, "mistral", seed=4, sliding_window=3)
+    model, _ = load_model(tmp_path)
+    ids, mask = _left_padded_prompts(seed=1)
+    cached = np.asarray(_cached(model, jnp.asarray(ids), jnp.asarray(mask), 8, NEVER))
+    np.testing.assert_array_equal(cached, _recomputed(model, ids, mask, 8, NEVER))
+
+
 def test_each_example_stops_at_its_own_eos(tiny):
     model, _ = tiny
     ids, mask = _left_padded_prompts()

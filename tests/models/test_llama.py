@@ -13,6 +13,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from jaxcl.models import Adapter, Llama, LlamaConfig, SiteHook, load_model
 from jaxcl.models.llama import rope_inv_freq
+from llama_parity import padded_batches, rel_err, torch_logits
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -36,37 +37,14 @@ def checkpoints(tmp_path_factory, save_tiny_llama):
     return saved
 
 
-def _batches(seed=0):
-    """(ids, mask, left_padded) for a right-padded and a left-padded batch of different lengths."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, 64, (3, 12))
-    lengths = np.array([12, 7, 3])
-    right = (np.arange(12)[None] < lengths[:, None]).astype(np.int64)
-    left = right[:, ::-1].copy()
-    return [(ids, right, False), (ids, left, True)]
-
-
-def _torch_logits(model, ids, mask, left_padded):
-    kwargs = {}
-    if left_padded:  # transformers derives positions from the mask only when told
-        kwargs["position_ids"] = torch.tensor(np.maximum(np.cumsum(mask, -1) - 1, 0))
-    with torch.no_grad():
-        return model(torch.tensor(ids), attention_mask=torch.tensor(mask), **kwargs).logits.float().numpy()
-
-
-def _rel_err(ours, ref, mask):
-    keep = mask.astype(bool)
-    return float(np.abs(ours[keep] - ref[keep]).max() / np.abs(ref[keep]).max())
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_parity_float32(checkpoints, name):
     directory, torch_model = checkpoints[name]
     model, _ = load_model(directory)
     forward = jax.jit(lambda m, ids, mask: m(ids, mask))
-    for ids, mask, left in _batches():
+    for ids, mask, left in padded_batches():
         ours = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask)))
-        err = _rel_err(ours, _torch_logits(torch_model, ids, mask, left), mask)
+        err = rel_err(ours, torch_logits(torch_model, ids, mask, left), mask)
         print(f"\n[parity float32] {name} {'left' if left else 'right'}-padded: "
               f"max|dlogits|/max|logits| = {err:.2e}")
         assert err <= 1e-5
@@ -78,10 +56,10 @@ def test_bfloat16_close_to_float32_reference(checkpoints, name):
     directory, torch_model = checkpoints[name]
     model, _ = load_model(directory, dtype=jnp.bfloat16)
     assert model.layers.q[...].dtype == jnp.bfloat16
-    for ids, mask, left in _batches(seed=1):
+    for ids, mask, left in padded_batches(seed=1):
         ours = np.asarray(jax.jit(lambda m, i, k: m(i, k))(model, jnp.asarray(ids), jnp.asarray(mask)))
         assert ours.dtype == np.float32 and np.isfinite(ours).all()
-        err = _rel_err(ours, _torch_logits(torch_model, ids, mask, left), mask)
+        err = rel_err(ours, torch_logits(torch_model, ids, mask, left), mask)
         print(f"\n[parity bfloat16 vs float32 torch] {name}: max|dlogits|/max|logits| = {err:.2e}")
         assert err <= 5e-2
 
@@ -89,13 +67,13 @@ def test_bfloat16_close_to_float32_reference(checkpoints, name):
 def test_hidden_prefix_layers_match_transformers_hidden_states(checkpoints):
     directory, torch_model = checkpoints["gqa_untied"]
     model, _ = load_model(directory)
-    ids, mask, _ = _batches()[0]
+    ids, mask, _ = padded_batches()[0]
     with torch.no_grad():
         ref = torch_model(torch.tensor(ids), attention_mask=torch.tensor(mask),
                           output_hidden_states=True).hidden_states[1].numpy()
     ours = np.asarray(jax.jit(lambda m: m.hidden(jnp.asarray(ids), jnp.asarray(mask), num_layers=1,
                                                  final_norm=False))(model))
-    assert _rel_err(ours, ref, mask) <= 1e-5
+    assert rel_err(ours, ref, mask) <= 1e-5
     full = jax.jit(lambda m: m.logits(m.hidden(jnp.asarray(ids), jnp.asarray(mask))))(model)
     np.testing.assert_allclose(full, jax.jit(lambda m: m(jnp.asarray(ids), jnp.asarray(mask)))(model),
                                rtol=1e-6)
@@ -123,12 +101,10 @@ BASE_HF = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermed
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ({"vocab_size": None}, "vocab_size"),
-    ({"model_type": "mistral"}, "model_type"),
+    ({"model_type": "gemma"}, "model_type"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
 ])
 def test_config_rejects_unsupported_fields(change, field):
@@ -150,7 +126,7 @@ def test_config_reads_v4_layout():
 @pytest.fixture(scope="module")
 def tiny(checkpoints):
     model, _ = load_model(checkpoints["gqa_untied"][0])
-    ids, mask, _ = _batches()[1]
+    ids, mask, _ = padded_batches()[1]
     return model, jnp.asarray(ids), jnp.asarray(mask)
 
 
@@ -204,7 +180,7 @@ def test_lora_delta_equals_merged_weight(tiny, site):
     keep = np.asarray(mask, bool)
     assert np.abs(expected - plain)[keep].max() > 1e-2  # the delta matters
     np.testing.assert_array_equal(adapted[0], plain[0])
-    err = _rel_err(adapted[1:], expected[1:], np.asarray(mask)[1:])
+    err = rel_err(adapted[1:], expected[1:], np.asarray(mask)[1:])
     print(f"\n[lora delta vs merged] {site}: rel err {err:.2e}")
     assert err <= 1e-5
 

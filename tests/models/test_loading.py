@@ -35,8 +35,21 @@ def _llama_cpp_permute(weight, heads):
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _write_gguf(path, torch_model, quantization=None):
-    """A llama.cpp-style GGUF of ``torch_model`` (gpt2-type tokenizer metadata for the tiny vocab)."""
+def _llama_cpp_rope_factors(head_dim, theta, factor, low_freq_factor, high_freq_factor, original):
+    """The ``rope_freqs`` tensor llama.cpp's converter writes for "llama3" RoPE scaling: per inverse
+    frequency, 1 for short wavelengths, ``factor`` for long ones, a smooth divisor in between."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    wavelength = 2 * np.pi / inv_freq
+    smooth = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    factors = np.where(wavelength < original / high_freq_factor, 1.0,
+                       np.where(wavelength > original / low_freq_factor, factor,
+                                1 / ((1 - smooth) / factor + smooth)))
+    return factors.astype(np.float32)
+
+
+def _write_gguf(path, torch_model, quantization=None, rope_freqs=None, metadata=()):
+    """A llama.cpp-style GGUF of ``torch_model`` (gpt2-type tokenizer metadata for the tiny vocab),
+    with a ``rope_freqs`` tensor if given and extra ``(key, string value)`` metadata."""
     c = torch_model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(c.num_hidden_layers)
@@ -55,6 +68,10 @@ def _write_gguf(path, torch_model, quantization=None):
     writer.add_token_merges([])
     writer.add_eos_token_id(1)
     writer.add_pad_token_id(0)
+    for key, text in metadata:
+        writer.add_string(key, text)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
     for name, tensor in torch_model.state_dict().items():
         array = tensor.numpy()
         if name.startswith("model.layers."):
@@ -146,6 +163,37 @@ def test_gguf_float32_equals_torch(checkpoint, tmp_path):
     np.testing.assert_array_equal(_logits(load_model(path)[0]), _logits(model))  # plain .gguf path
 
 
+def test_gguf_llama3_rope_scaling_equals_transformers(tmp_path, save_tiny_llama):
+    """A Llama 3.1-style checkpoint: transformers reads the HF folder's llama3 ``rope_parameters``;
+    jaxcl reads the GGUF of the same weights, whose scaling is llama.cpp's ``rope_freqs`` tensor."""
+    rope = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original=64)
+    # head_dim 8, theta 1e4: wavelengths 6.3 (kept), 63 (interpolated), 628 and 6283 (divided)
+    torch_model = save_tiny_llama(tmp_path / "hf", seed=7, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
+        "high_freq_factor": rope["high_freq_factor"], "original_max_position_embeddings": rope["original"]})
+    path, unscaled = tmp_path / "llama3.gguf", tmp_path / "unscaled.gguf"
+    _write_gguf(path, torch_model, rope_freqs=_llama_cpp_rope_factors(8, 10000.0, **rope))
+    _write_gguf(unscaled, torch_model)
+    model, _ = load_model(f"gguf:{path}")
+    reference = _torch_logits(torch_model)
+    err = _rel_err(_logits(model), reference)
+    print(f"\n[gguf llama3 rope_freqs vs transformers llama3 rope_parameters] rel err {err:.2e}")
+    assert err <= 1e-5
+    np.testing.assert_allclose(_logits(model), _logits(load_model(tmp_path / "hf")[0]), rtol=1e-5, atol=1e-5)
+    assert _rel_err(_logits(load_model(f"gguf:{unscaled}")[0]), reference) > 1e-3  # the scaling matters
+
+
+def test_gguf_refuses_other_rope_scaling(checkpoint, tmp_path):
+    path = tmp_path / "yarn.gguf"
+    _write_gguf(path, checkpoint[1], metadata=[("llama.rope.scaling.type", "yarn")])
+    with pytest.raises(ModelLoadError, match=re.escape(f"{path}: GGUF llama.rope.scaling.type='yarn'")):
+        load_model(f"gguf:{path}")
+    short = tmp_path / "short_rope_freqs.gguf"
+    _write_gguf(short, checkpoint[1], rope_freqs=np.ones(3, np.float32))
+    with pytest.raises(ModelLoadError, match=re.escape(str(short)) + ".*rope_freq_factors has 3 entries"):
+        load_model(f"gguf:{short}")
+
+
 def test_gguf_q8_0_equals_transformers_gguf_loader(checkpoint, tmp_path, torch_llama_from_gguf):
     _, torch_model = checkpoint
     path = tmp_path / "tiny-q8_0.gguf"
@@ -182,8 +230,8 @@ def test_unsupported_architecture(checkpoint, tmp_path):
 def test_unsupported_config_value(checkpoint, tmp_path):
     directory = _copy_checkpoint(checkpoint[0], tmp_path / "ckpt")
     config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
-    with pytest.raises(ModelLoadError, match=re.escape(str(directory / "config.json")) + ".*attention_bias"):
+    (directory / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    with pytest.raises(ModelLoadError, match=re.escape(str(directory / "config.json")) + ".*hidden_act"):
         load_model(directory)
 
 
@@ -220,15 +268,42 @@ def test_corrupt_safetensors(checkpoint, tmp_path):
         load_model(directory)
 
 
-def test_missing_weights_file_and_tokenizer(checkpoint, tmp_path):
+def test_missing_weights_file(checkpoint, tmp_path):
     directory = _copy_checkpoint(checkpoint[0], tmp_path / "ckpt")
-    (directory / "tokenizer.json").unlink()
-    (directory / "tokenizer_config.json").unlink()
-    with pytest.raises(ModelLoadError, match=re.escape(f"{directory}: no tokenizer files")):
-        load_model(directory)
     (directory / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match=re.escape(f"{directory}: no model.safetensors")):
         load_model(directory)
+
+
+def test_weights_only_directory(checkpoint, tmp_path):
+    """A folder written by ``save_pretrained`` alone (config.json + safetensors) loads as in
+    transformers; the tokenizer comes from elsewhere, or its absence shows when it is used."""
+    directory, torch_model = checkpoint
+    weights_only = tmp_path / "weights"
+    torch_model.save_pretrained(str(weights_only))
+    assert not any(weights_only.glob("tokenizer*"))
+    model, missing = load_model(weights_only)
+    assert _rel_err(_logits(model), _torch_logits(torch_model)) <= 1e-5
+    message = re.escape(f"{weights_only}: no tokenizer files") + ".*tokenizer=DIRECTORY"
+    with pytest.raises(ModelLoadError, match=message):
+        missing("w5 w9")
+    with pytest.raises(ModelLoadError, match=message):
+        missing.eos_token_id
+    assert load_model(weights_only, tokenizer=None)[1] is None
+    _, tokenizer = load_model(weights_only, tokenizer=directory)
+    assert tokenizer("w5 w9")["input_ids"] == [5, 9] and tokenizer.eos_token_id == 1
+    with pytest.raises(ModelLoadError, match=re.escape(f"{tmp_path / 'nothing'}: no such tokenizer directory")):
+        load_model(weights_only, tokenizer=tmp_path / "nothing")
+    with pytest.raises(ModelLoadError, match=re.escape(f"{weights_only}: no tokenizer files")):
+        load_model(directory, tokenizer=weights_only)
+
+
+def test_tokenizer_from_a_gguf_file(checkpoint, tmp_path):
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, checkpoint[1])
+    _, tokenizer = load_model(checkpoint[0], tokenizer=f"gguf:{path}")
+    assert tokenizer.eos_token_id == 1 and tokenizer.convert_ids_to_tokens([5]) == ["w5"]
+    assert load_model(path, tokenizer=None)[1] is None
 
 
 def test_unreadable_gguf(checkpoint, tmp_path):

@@ -10,23 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
+from jaxcl.methods import REGISTRY
+
 from tiny_cl import TASKS, tiny_config
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    """A tiny torch Llama over the word tokenizer, saved as an HF folder (what a user passes as model)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1, eos_token_id=1,
-                         pad_token_id=0, bos_token_id=3)
-    LlamaForCausalLM(config).save_pretrained(str(directory))
-    tiny_tokenizer.save_pretrained(str(directory))
-    return str(directory)
 
 
 def _cli(*args):
@@ -68,3 +54,40 @@ def test_sigkilled_run_resumes_to_identical_results(stream_root, tiny_model_dir,
     assert a["matrix"] == b["matrix"] and a["metrics"] == b["metrics"] and a["base_scores"] == b["base_scores"]
     assert _losses(full) == _losses(killed)
     assert np.array(a["matrix"]).shape == (len(TASKS), len(TASKS))
+
+
+RESUMED = sorted(REGISTRY) + ["replay+seq_lora", "mist+olora"]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for the module: a resumed run reuses the programs of the first."""
+    return str(tmp_path_factory.mktemp("xla"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", RESUMED)
+def test_every_method_resumes_to_the_same_matrix_and_losses(method, stream_root, tiny_tokenizer, tmp_path,
+                                                            compile_cache):
+    from tiny_cl import tiny_llama
+
+    from jaxcl.train import config as jconfig
+    from jaxcl.train.loop import Interrupted, run
+
+    cfg = jconfig.from_dict(tiny_config(
+        stream_root, method=method, compile_cache=compile_cache, data={"order": list(TASKS)[:2]},
+        train={"steps_per_task": 3, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 2},
+        eval={"max_test_per_task": 4, "batch_size": 4, "max_new_tokens": 2}))
+
+    def go(out, **kwargs):
+        return run(cfg, str(out), progress=False, model_and_tokenizer=(tiny_llama(len(tiny_tokenizer)), tiny_tokenizer),
+                   **kwargs)
+
+    full = go(tmp_path / "full")
+    with pytest.raises(Interrupted):  # inside the second task (mtl: inside its one joint phase)
+        go(tmp_path / "killed", stop_after_steps=4)
+    resumed = go(tmp_path / "killed", resume=True)
+    for key in ("matrix", "base_scores", "metrics", "routing_accuracy", "validation_loss"):
+        assert resumed[key] == full[key], key
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+    assert len(_losses(tmp_path / "full")) == 6

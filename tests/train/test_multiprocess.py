@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxcl.methods import axes as jaxes
+from jaxcl.methods.base import ModelInfo, StepContext
 from jaxcl.methods.seq_lora import SeqLoRA
 from jaxcl.train import config as jconfig
 from jaxcl.train import optim, sharding
@@ -45,19 +47,29 @@ def train_losses(mesh) -> tuple[list[float], jax.Array]:
     """Losses of ``STEPS`` SeqLoRA steps of the tiny Llama on ``mesh``, and the placed q weight."""
     from tiny_cl import tiny_llama
 
-    graphdef, state = nnx.split(tiny_llama(VOCAB))
-    trained, frozen = jstep.split_base(SeqLoRA(), nnx.to_pure_dict(state))
+    from jaxcl.train.loop import _axes_leaves
+
+    model = tiny_llama(VOCAB)
+    graphdef, weights = nnx.split(model)
     method = SeqLoRA()
-    mstate = method.init(jax.random.PRNGKey(1), {"attn.q": (2, 32, 32), "attn.v": (2, 32, 16)}, 1)
-    tx = optim.optimizer(jconfig.TrainConfig(lr=1e-2), STEPS)
-    params = {"method": mstate["train"], "base": trained}
-    tstate = sharding.place(mesh, jstep.TrainState(params, tx.init(params), jnp.int32(0)))
-    frozen, fixed = sharding.place(mesh, frozen), sharding.place(mesh, mstate["fixed"])
-    step = jax.jit(functools.partial(jstep.train_step, graphdef=graphdef, method=method, tx=tx, max_targets=4),
-                   donate_argnums=(0,))
+    trained, frozen = jstep.split_base(method, nnx.to_pure_dict(weights))
+    mstate, axes = jaxes.split(method.init(jax.random.PRNGKey(1), ModelInfo.of(model), 1))
+    make_tx = functools.partial(optim.optimizer, jconfig.TrainConfig(lr=1e-2))
+    params = {"method": mstate.params, "base": trained}
+    whole = sharding.replicated(mesh)
+    param_shardings = {"method": sharding.tree_shardings(mesh, mstate.params, axes.params),
+                       "base": jax.tree.map(lambda _: whole, trained)}
+    opt = make_tx(STEPS).init(params)
+    shardings = jstep.TrainState(param_shardings, sharding.follow_params(mesh, opt, params, param_shardings),
+                                 jax.tree.map(lambda _: whole, StepContext.start(0, STEPS, 0)))
+    tstate = sharding.place(jstep.TrainState(params, opt, StepContext.start(0, STEPS, 0)), shardings)
+    frozen = sharding.place(frozen, sharding.tree_shardings(mesh, frozen, _axes_leaves(model.param_axes())))
+    fixed = sharding.place(mstate.fixed, sharding.tree_shardings(mesh, mstate.fixed, axes.fixed))
+    step = jax.jit(functools.partial(jstep.train_step, graphdef=graphdef, method=method, make_tx=make_tx,
+                                     max_targets=4), donate_argnums=(0,))
     losses = []
     for s in range(STEPS):
-        key = sharding.place(mesh, jax.random.PRNGKey(100 + s))
+        key = sharding.place(jax.random.PRNGKey(100 + s), whole)
         tstate, metrics = step(tstate, frozen, fixed, sharding.shard_batch(mesh, _batch(s), batch_axis=1), key)
         losses.append(float(metrics["loss"]))
     return losses, frozen["layers"]["q"]

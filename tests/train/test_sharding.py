@@ -16,6 +16,8 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
+from jaxcl.methods import axes as jaxes
+from jaxcl.methods.axes import Axes
 from jaxcl.train import config as jconfig
 from jaxcl.train import sharding
 
@@ -25,27 +27,33 @@ SUBPROCESS_PATH = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])  # jaxcl 
 MESHES = {"data8": {"data": 8}, "fsdp8": {"data": 1, "fsdp": 8}, "mixed": {"data": 2, "fsdp": 2, "tensor": 2}}
 
 
-def _specs(tree, mesh):
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {"/".join(sharding._key_name(k) for k in path): sharding.leaf_spec(
-        [sharding._key_name(k) for k in path], x.shape, mesh) for path, x in leaves}
+def _specs(values, axes, mesh):
+    """``{path: PartitionSpec}`` of ``values`` whose dimensions have the ``Axes`` leaves of ``axes``."""
+    flat = jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, Axes))
+    shapes = [np.shape(v) for v in jax.tree.leaves(values)]
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): sharding.logical_spec(a.names, shape, mesh)
+            for (path, a), shape in zip(flat, shapes)}
 
 
-def _pure(model):
-    return nnx.to_pure_dict(nnx.state(model))
+def _model_specs(model, mesh):
+    from jaxcl.train.loop import _axes_leaves
+
+    return _specs(nnx.to_pure_dict(nnx.state(model)), _axes_leaves(model.param_axes()), mesh)
 
 
 def test_llama_weight_rules():
     from tiny_cl import tiny_llama
 
     mesh = AbstractMesh((2, 2, 2), sharding.AXES)
-    specs = _specs(_pure(tiny_llama(64)), mesh)
+    specs = _model_specs(tiny_llama(64), mesh)
     into, out = P(None, "fsdp", "tensor"), P(None, "tensor", "fsdp")
     assert {k: specs[f"layers/{k}"] for k in ("q", "k", "v", "gate", "up")} == dict.fromkeys(
         ("q", "k", "v", "gate", "up"), into)
     assert specs["layers/o"] == out and specs["layers/down"] == out
     assert specs["embed"] == P("tensor", "fsdp") and specs["lm_head"] == P("fsdp", "tensor")
-    assert specs["layers/attn_norm"] == P() and specs["layers/mlp_norm"] == P() and specs["norm"] == P()
+    # norm scales are (layers, embed): the model width is on fsdp wherever it appears
+    assert specs["layers/attn_norm"] == P(None, "fsdp") and specs["layers/mlp_norm"] == P(None, "fsdp")
+    assert specs["norm"] == P("fsdp")
 
 
 def test_t5_weight_rules():
@@ -53,14 +61,14 @@ def test_t5_weight_rules():
 
     config = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
                          num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-    specs = _specs(_pure(t5.T5(config, rngs=nnx.Rngs(0))), AbstractMesh((1, 2, 2), sharding.AXES))
+    specs = _model_specs(t5.T5(config, rngs=nnx.Rngs(0)), AbstractMesh((1, 2, 2), sharding.AXES))
     into, out = P(None, "fsdp", "tensor"), P(None, "tensor", "fsdp")
     for stack in ("encoder", "decoder"):
         for name in ("self_attn_q", "self_attn_k", "self_attn_v", "mlp_wi_0", "mlp_wi_1"):
             assert specs[f"{stack}/layers/{name}"] == into, name
         assert specs[f"{stack}/layers/self_attn_o"] == out and specs[f"{stack}/layers/mlp_wo"] == out
-        assert specs[f"{stack}/relative_attention_bias"] == P() and specs[f"{stack}/final_norm"] == P()
-        assert specs[f"{stack}/layers/self_attn_norm"] == P()
+        assert specs[f"{stack}/relative_attention_bias"] == P()  # (relpos, heads): never split
+        assert specs[f"{stack}/final_norm"] == P("fsdp") and specs[f"{stack}/layers/self_attn_norm"] == P(None, "fsdp")
     assert specs["decoder/layers/cross_attn_q"] == into and specs["decoder/layers/cross_attn_o"] == out
     assert specs["shared"] == P("tensor", "fsdp") and specs["lm_head"] == P("fsdp", "tensor")
 
@@ -68,33 +76,31 @@ def test_t5_weight_rules():
 def test_adapters_and_optimizer_state_follow_their_base_weight():
     import optax
 
-    from jaxcl.methods.lora_bank import LoRABank
+    from jaxcl.methods.base import ModelInfo
+    from jaxcl.methods.olora import OLoRA
 
     shapes = {"attn.q": (2, 32, 48), "attn.o": (2, 48, 32), "encoder.mlp.wi_0": (2, 32, 64)}
-    method = LoRABank(sites=tuple(shapes), rank=4)
-    state = method.init(jax.random.PRNGKey(0), shapes, num_tasks=3)
+    names = {"attn.q": ("embed", "q_heads"), "attn.o": ("q_heads", "embed"), "encoder.mlp.wi_0": ("embed", "mlp")}
+    method = OLoRA(sites=tuple(shapes), rank=4)
+    values, axes = jaxes.split(method.init(jax.random.PRNGKey(0), ModelInfo(shapes, names, 32, False), 3))
     mesh = AbstractMesh((1, 2, 2), sharding.AXES)
-    specs = _specs(state, mesh)
-    # q/up-like weights are (fsdp, tensor): a's d_in on fsdp, b's d_out on tensor; o is the reverse
-    assert specs["train/lora/attn.q/a"] == P(None, None, "fsdp")
-    assert specs["train/lora/attn.q/b"] == P(None, "tensor")
-    assert specs["train/lora/attn.o/a"] == P(None, None, "tensor")
-    assert specs["train/lora/attn.o/b"] == P(None, "fsdp")
-    assert specs["train/lora/encoder.mlp.wi_0/a"] == P(None, None, "fsdp")
-    assert specs["fixed/past/attn.q/a"] == P(None, None, None, "fsdp")   # (L, T, r, d_in)
-    assert specs["fixed/past/attn.q/b"] == P(None, None, "tensor")  # (L, T, d_out, r)
-    opt = _specs(optax.adamw(1e-3).init(state["train"]), mesh)
-    assert opt["0/mu/lora/attn.q/a"] == P(None, None, "fsdp") and opt["0/nu/lora/attn.o/b"] == P(None, "fsdp")
-    assert opt["0/count"] == P()
-
-
-def test_specs_are_canonical_and_skip_axes_that_do_not_divide():
-    mesh = AbstractMesh((1, 3, 2), sharding.AXES)
-    assert sharding.leaf_spec(["layers", "q"], (2, 32, 48), mesh) == P(None, None, "tensor")  # 32 % 3
-    assert sharding.leaf_spec(["embed"], (45, 30), mesh) == P(None, "fsdp")                  # 45 % 2
-    # size-1 axes and trailing Nones are left out, as in the shardings XLA gives a step's outputs
-    assert sharding.leaf_spec(["layers", "q"], (2, 32, 48), AbstractMesh((8, 1, 1), sharding.AXES)) == P()
-    assert sharding.leaf_spec(["layers", "down"], (2, 64, 32), AbstractMesh((1, 1, 2), sharding.AXES)) == P(None, "tensor")
+    specs = _specs(values, axes, mesh)
+    # a (L, r, d_in), b (L, d_out, r): the model width on fsdp; head / mlp widths on tensor, then
+    # on fsdp as well when no other dimension took it
+    assert specs["params/lora/attn.q/a"] == P(None, None, "fsdp")
+    assert specs["params/lora/attn.q/b"] == P(None, ("tensor", "fsdp"))
+    assert specs["params/lora/attn.o/a"] == P(None, None, ("tensor", "fsdp"))
+    assert specs["params/lora/attn.o/b"] == P(None, "fsdp")
+    assert specs["params/lora/encoder.mlp.wi_0/a"] == P(None, None, "fsdp")
+    assert specs["fixed/past/attn.q/a"] == P(None, None, None, "fsdp")               # (L, T, r, d_in)
+    assert specs["fixed/past/attn.q/b"] == P(None, None, ("tensor", "fsdp"))          # (L, T, d_out, r)
+    # optimizer moments take their parameter's sharding; the step count is replicated
+    mesh = jax.make_mesh((1, 1, 1), sharding.AXES, devices=jax.devices()[:1])
+    shardings = sharding.tree_shardings(mesh, values.params, axes.params)
+    opt = optax.adamw(1e-3).init(values.params)
+    follow = sharding.follow_params(mesh, opt, values.params, shardings)
+    mu = follow[0].mu.lora["attn.o"].b
+    assert mu is shardings.lora["attn.o"].b and follow[0].count.spec == P()
 
 
 def test_mesh_from_config_and_batch_checks():
@@ -162,18 +168,18 @@ def test_cl_run_gives_the_same_results_on_1_and_8_devices(stream_root, tiny_mode
         assert report[name]["train_step_compiles"] == 1, name
 
 
-def _compiles_of_two_steps(runner, method) -> int:
-    import jax.numpy as jnp
-
+def _compiles_of_two_steps(runner) -> int:
+    from jaxcl.methods.base import StepContext
     from jaxcl.train import step as jstep
 
-    state = method.init(jax.random.PRNGKey(0), runner.site_shapes, 2)
-    params = {"method": state["train"], "base": runner.trained_base}
-    tstate = runner.place(jstep.TrainState(params, runner.optimizer(2).init(params), jnp.int32(0)))
-    fn, feed = runner.train_step(2), runner.feed(0, [0], [])
+    params, fixed = runner.placed(runner.initial, runner.trained_base)
+    opt = runner.opt_init(params)
+    ctx = sharding.place(StepContext.start(0, 2, 0), runner.state_shardings.ctx)
+    tstate = jstep.TrainState(params, opt, ctx)
+    feed = runner.stream.train_feed(0, [0], [], None)
     for s in range(2):
-        tstate, _ = fn(tstate, runner.frozen_base, runner.place(state["fixed"]), feed(s), jax.random.PRNGKey(s))
-    return fn._cache_size()
+        tstate, _ = runner.train_step(tstate, runner.frozen_base, fixed, feed(s), jax.random.PRNGKey(s))
+    return runner.train_step._cache_size()
 
 
 def _worker(out_root: str, stream_root: str, meshes: list[str]) -> None:
@@ -191,11 +197,12 @@ def _worker(out_root: str, stream_root: str, meshes: list[str]) -> None:
         cfg = _cl_config(stream_root, MESHES[name])
         results = loop.run(cfg, os.path.join(out_root, name), progress=False,
                            model_and_tokenizer=(tiny_llama(len(tokenizer)), tokenizer))
-        method, replay = methods.build(cfg.method, cfg.method_args)
-        runner = loop._Runner(cfg, loop.load_tasks(cfg), tiny_llama(len(tokenizer)), tokenizer, method, replay)
+        method = methods.build(cfg.method, cfg.method_args)
+        runner = loop._Runner(cfg, loop.load_tasks(cfg), tiny_llama(len(tokenizer)), tokenizer, method, 2,
+                              loop.make_mesh(cfg))
         report[name] = {"matrix": results["matrix"], "base_scores": results["base_scores"],
                         "q_shard": list(runner.frozen_base["layers"]["q"].addressable_shards[0].data.shape),
-                        "train_step_compiles": _compiles_of_two_steps(runner, method)}
+                        "train_step_compiles": _compiles_of_two_steps(runner)}
     print(json.dumps(report))
 
 

@@ -1,0 +1,99 @@
+"""Routing-only simulation of SAPT's task attention on real pooled prompt embeddings (CPU, seconds).
+
+SAPT's attention depends only on the frozen input embeddings, the query network and the task keys,
+so its training can be replayed without the language model: the losses that reach the attention
+are ARM's KL on the past tasks' pseudo-inputs and, with ``current_ratio``, the current task's
+routing KL (the cross-entropy's pull is left out: it is ~0 while the current LoRA is still zero).
+This isolates why routing fails or works for a given budget. Used for experiments/sapt_routing/README.md.
+
+    PYTHONPATH=$PWD python experiments/sapt_routing/simulate.py features std --root ../shared/benchmarks/CL_Benchmark
+    PYTHONPATH=$PWD python experiments/sapt_routing/simulate.py train std '{"current_ratio": 1, "epochs": 3}'
+"""
+import argparse
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxcl.kernels import attention_select
+
+STREAMS = {"std": ("cl_benchmark", ["dbpedia", "amazon", "agnews"], 1800, 64, 1.0, 2.0),  # train, batch, epochs, kl
+           "wordnet": ("bundled", "wordnet", 540, 16, 2.0, 1.0)}
+
+
+def features(stream: str, root, path: str) -> None:
+    """Max-pooled input embeddings (SmolLM2, first 256 prompt tokens) of train and test prompts."""
+    from jaxcl import load_model
+    from jaxcl.data import load_stream
+
+    source, order, n_train, *_ = STREAMS[stream]
+    tasks = load_stream(source, order, root)
+    model, tokenizer = load_model("default")
+    table = np.asarray(model.embed_inputs(jnp.arange(model.config.vocab_size)[None])[0], np.float32)
+    pooled = lambda examples: np.stack([table[tokenizer(e.prompt)["input_ids"][:256]].max(0) for e in examples])
+    np.savez(path, *[pooled(split) for t in tasks for split in (t.train[:n_train], t.test[:500])])
+
+
+def train(stream: str, path: str, options: dict) -> dict:
+    """Trains query network + keys task after task as SAPT does; routing after the last task."""
+    _, _, _, batch, epochs, kl = STREAMS[stream]
+    batch, epochs = options.get("batch", batch), options.get("epochs", epochs)
+    kl, current = options.get("kl_ratio", kl), options.get("current_ratio", 0.0)
+    fraction, capacity, lr = options.get("pseudo_fraction", 0.02), options.get("pseudo_capacity", 32), options.get("lr", 1e-3)
+    z = np.load(path)
+    arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
+    trains, tests = arrays[0::2], arrays[1::2]
+    num_tasks, d = len(trains), trains[0].shape[1]
+    k_query, k_keys = jax.random.split(jax.random.PRNGKey(options.get("seed", 0)))
+    query = attention_select.query_init(k_query, d, 100)
+    keys = jax.vmap(lambda k: attention_select.task_key_init(k, d))(jax.random.split(k_keys, num_tasks))
+    logits = lambda q, ks, e, c: attention_select.attention_logits(ks, attention_select.query(q, jnp.asarray(e)),
+                                                                   jnp.arange(num_tasks) <= c)
+    targets, pseudo, tx = np.zeros((num_tasks, num_tasks), np.float32), [], optax.adam(lr)
+    for c in range(num_tasks):
+        def loss(p, rows, c=c):
+            ks = keys.at[c].set(p["key"])
+            total = sum(kl * attention_select.kl_to_target(logits(p["query"], ks, pseudo[i], c), jnp.asarray(targets[i]))
+                        for i in range(c))
+            if current:
+                total = total + current * attention_select.kl_to_target(logits(p["query"], ks, rows, c),
+                                                                        jax.nn.one_hot(c, num_tasks))
+            return total
+
+        @jax.jit
+        def step(p, opt, rows):
+            grads = jax.grad(loss)(p, rows)
+            updates, opt = tx.update(grads, opt, p)
+            return optax.apply_updates(p, updates), opt
+
+        p = {"query": query, "key": keys[c]}
+        opt, rng, n = tx.init(p), np.random.default_rng(c), len(trains[c])
+        if c > 0 or current:  # task 0 alone has nothing to learn without the routing term
+            for _ in range(math.ceil(n / batch) * int(epochs)):
+                p, opt = step(p, opt, trains[c][rng.integers(0, n, batch)])
+        query, keys = p["query"], keys.at[c].set(p["key"])
+        targets[c] = np.asarray(jax.nn.softmax(logits(query, keys, trains[c][-180:], c), -1).mean(0))
+        m = int(np.clip(round(fraction * n), 4, capacity))
+        pseudo.append(trains[c][np.linspace(0, n - 1, m).round().astype(int)])
+    routing = [float(np.mean(np.asarray(jnp.argmax(logits(query, keys, tests[j], num_tasks - 1), -1)) == j) * 100)
+               for j in range(num_tasks)]
+    return {"stream": stream, "options": options, "routing_last": [round(r, 1) for r in routing],
+            "targets": targets.round(2).tolist()}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("features", "train"))
+    p.add_argument("stream", choices=sorted(STREAMS))
+    p.add_argument("options", nargs="?", default="{}")
+    p.add_argument("--root")
+    p.add_argument("--features", default=None, help="the .npz file (default /tmp/sapt_features_<stream>.npz)")
+    a = p.parse_args()
+    path = a.features or f"/tmp/sapt_features_{a.stream}.npz"
+    if a.what == "features":
+        features(a.stream, a.root, path)
+    else:
+        print(json.dumps(train(a.stream, path, json.loads(a.options))))

@@ -1,0 +1,77 @@
+"""A longer stream compiles nothing more: on a 4-task stream whose tasks 2 and 3 are copies of tasks 0
+and 1, no XLA compilation happens after the second task's evaluation (no per-task hook recompiles for
+a new task index; programs whose shapes follow the number of tasks compile once, at the start).
+
+The run is a fresh process; this file is also its script (``python test_compile_count.py ROOT METHOD``).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+NAMES = ["colors", "animals", "colors_again", "animals_again"]  # tasks 2, 3: copies of 0, 1
+
+
+@pytest.fixture(scope="module")
+def four_task_root(tmp_path_factory):
+    from tiny_cl import write_stream
+
+    root = str(tmp_path_factory.mktemp("four"))
+    write_stream(root)
+    for name in ("colors", "animals"):  # the same data, so any extra compile is due to the task index
+        shutil.copytree(os.path.join(root, "TC", name), os.path.join(root, "TC", f"{name}_again"))
+    return root
+
+
+def _compilations_after_each_evaluation(root: str, method: str) -> list[int]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    proc = subprocess.run([sys.executable, __file__, root, method], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["compilations"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["seq_lora", "sapt", "smat", "mist+seq_lora"])
+def test_later_tasks_compile_nothing(four_task_root, method):
+    counts = _compilations_after_each_evaluation(four_task_root, method)  # base, then after each task
+    assert len(counts) == 5 and counts[2] > 0
+    assert counts[4] == counts[2], f"{method}: compilations after each evaluation {counts}"
+
+
+def _worker(root: str, method: str) -> None:
+    import tempfile
+
+    from tiny_cl import tiny_config, tiny_llama, word_tokenizer
+
+    from jaxcl.data import load_stream
+    from jaxcl.train import compilation, config as jconfig
+    from jaxcl.train.evaluate import Evaluator
+    from jaxcl.train.loop import run
+
+    clock, counts = compilation.Clock(), []
+    evaluate = Evaluator.evaluate
+
+    def counted(self, *args):
+        result = evaluate(self, *args)
+        counts.append(clock.count())
+        return result
+
+    Evaluator.evaluate = counted  # (this process only runs this one run)
+    tasks = load_stream("cl_benchmark", NAMES, root)
+    tokenizer = word_tokenizer([e.prompt + " " + e.answer for t in tasks for e in t.train + t.test])
+    cfg = jconfig.from_dict(tiny_config(root, method=method, compile_cache=None, data={"order": NAMES},
+                                        train={"steps_per_task": 2, "batch_size": 4, "lr": 1e-2},
+                                        eval={"max_test_per_task": 4, "batch_size": 4, "max_new_tokens": 2}))
+    with tempfile.TemporaryDirectory() as out:
+        run(cfg, os.path.join(out, "run"), progress=False, model_and_tokenizer=(tiny_llama(len(tokenizer)), tokenizer))
+    print(json.dumps({"compilations": counts}))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
