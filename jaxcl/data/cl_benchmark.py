@@ -114,15 +114,16 @@ def _read_split(path: str, task_type: str, dataset: str, labels: list[str] | Non
     return [Example(cl_benchmark_prompt(task_type, dataset, r["sentence"], labels), r["label"]) for r in records]
 
 
-def load_cl_benchmark_task(root: str, name: str) -> Task:
+def load_cl_benchmark_task(root: str, name: str, metric: str | None = None) -> Task:
     """Loads task ``name`` from anywhere under the TaskType folders of ``root``.
 
     Args:
       root: the ``CL_Benchmark`` folder.
       name: the task folder name (matched ignoring case, '-' and '_').
+      metric: overrides the benchmark's metric (exact match, ``"em"``).
 
     Returns:
-      A Task with metric ``"em"``; ``labels`` is None for open-ended tasks.
+      A Task with metric ``metric or "em"``; ``labels`` is None for open-ended tasks.
     """
     task_dir = find_task_dir(root, name)
     task_type = os.path.basename(os.path.dirname(task_dir))
@@ -137,4 +138,4 @@ def load_cl_benchmark_task(root: str, name: str) -> Task:
         _read_split(os.path.join(task_dir, f"{split}.json"), task_type, dataset, labels)
         for split in ("train", "test")
     )
-    return Task(dataset, train, test, labels, "em")
+    return Task(dataset, train, test, labels, metric or "em")

@@ -22,7 +22,8 @@ _READERS = {
 }
 
 
-def load_stream(source: str, order: str | Sequence[str], root: str | None = None) -> list[Task]:
+def load_stream(source: str, order: str | Sequence[str], root: str | None = None,
+                metric: str | None = None) -> list[Task]:
     """Loads the tasks of a stream in training order.
 
     Args:
@@ -30,6 +31,8 @@ def load_stream(source: str, order: str | Sequence[str], root: str | None = None
         ``"superni"`` or ``"trace"``.
       order: an order name (see :func:`jaxcl.data.orders.available_orders`) or a list of task names.
       root: the benchmark folder; ignored (must be None) for ``"bundled"``.
+      metric: one metric for every task instead of each format's own (needed for a TRACE-layout
+        task whose name the TRACE reader does not know).
 
     Raises:
       DataError: unknown source or order, an order written for another format, a task missing
@@ -53,7 +56,7 @@ def load_stream(source: str, order: str | Sequence[str], root: str | None = None
         raise DataError("the task order is empty")
     if len(set(names)) != len(names):
         raise DataError(f"the task order repeats a task: {names}")
-    return [_READERS[source](root, name) for name in names]
+    return [_READERS[source](root, name, metric) for name in names]
 
 
 def load_bundled_stream() -> list[Task]:

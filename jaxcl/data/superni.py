@@ -63,13 +63,14 @@ def _read_split(path: str) -> list[Example]:
     return examples
 
 
-def load_superni_task(root: str, name: str) -> Task:
+def load_superni_task(root: str, name: str, metric: str | None = None) -> Task:
     """Loads SuperNI task ``name`` (e.g. ``task363_sst2_polarity_classification``).
 
     Args:
       root: SAPT's ``CL_Benchmark`` folder (holding ``SuperNI/``) or the ``SuperNI`` folder itself.
       name: the task folder name.
+      metric: overrides SAPT's metric (``"rouge_l"``).
     """
     task_dir = find_task_dir(root, name)
     train, test = (_read_split(os.path.join(task_dir, f"{split}.json")) for split in ("train", "test"))
-    return Task(os.path.basename(task_dir), train, test, None, "rouge_l")
+    return Task(os.path.basename(task_dir), train, test, None, metric or "rouge_l")

@@ -26,6 +26,7 @@ from typing import Any, Optional, Union
 import jax
 import yaml
 
+from jaxcl.data.task import METRICS
 from jaxcl.train.compilation import DEFAULT_CACHE
 
 
@@ -174,6 +175,8 @@ def from_dict(values: dict, where: str = "config") -> RunConfig:
     if any(n == 0 or n < -1 for n in sizes) or sizes.count(-1) > 1:
         raise ConfigError(f"{where}.mesh: sizes must be positive, with at most one -1 (all remaining devices); "
                           f"got {cfg.mesh}")
+    if cfg.eval.metric is not None and cfg.eval.metric not in METRICS:
+        raise ConfigError(f"{where}.eval.metric: expected null or one of {list(METRICS)}, got {cfg.eval.metric!r}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"{where}.dtype: expected 'float32' or 'bfloat16', got {cfg.dtype!r}")
     if cfg.attention not in (None, "cudnn", "xla"):

@@ -47,7 +47,8 @@ class Interrupted(Exception):
 def load_tasks(cfg: RunConfig) -> list:
     """The tasks of ``cfg.data`` in training order (read before the model, so data errors come fast)."""
     d = cfg.data
-    return jdata.load_stream(d.source, d.order if isinstance(d.order, str) else list(d.order), d.root)
+    return jdata.load_stream(d.source, d.order if isinstance(d.order, str) else list(d.order), d.root,
+                             cfg.eval.metric)
 
 
 def _versions() -> dict:

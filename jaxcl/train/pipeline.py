@@ -72,7 +72,7 @@ class Stream:
                 keep = np.sort(np.random.default_rng([cfg.train.seed, i]).permutation(len(test))[: cfg.eval.max_test_per_task])
                 test = [test[j] for j in keep]
             prepared.append(PreparedTask(
-                task.name, cfg.eval.metric or task.metric,
+                task.name, task.metric,
                 tokenization.tokenize_examples(train, tokenizer, spec),
                 tokenization.tokenize_examples(validation, tokenizer, spec),
                 tokenization.tokenize_examples(test, tokenizer, spec), list(test), [e.golds for e in test]))

@@ -36,6 +36,7 @@ def _assert_refused(code, err, out, message):
     ("train", {"checkpoint_every": -1}, "train.checkpoint_every: expected an integer >= 0"),
     ("eval", {"max_new_tokens": 0}, "eval.max_new_tokens: expected an integer >= 1, got 0"),
     ("data", {"order": ["colors", 3]}, "data.order: expected an order name or a non-empty list of task names"),
+    ("eval", {"metric": "bleu"}, "eval.metric: expected null or one of ['em', 'accuracy', 'rouge_l', 'edit_sim']"),
     ("data", {"order": []}, "data.order: expected an order name or a non-empty list of task names"),
 ])
 def test_out_of_range_config_field(stream_root, tmp_path, capsys, section, values, message):

@@ -150,3 +150,20 @@ def test_encoder_decoder_run_adapts_every_attention_block(stream_root, tmp_path,
     assert np.array(results["matrix"]).shape == (3, 3)
     steps = [r for r in _steps(tmp_path) if r["event"] == "step"]
     assert len(steps) == 18 and all(np.isfinite(r["loss"]) for r in steps)
+
+
+def test_a_users_own_trace_layout_task_runs_with_the_configs_metric(stream_root, tmp_path, tiny_model):
+    from jaxcl.data import DataError, load_stream
+
+    colors = load_stream("cl_benchmark", ["colors"], stream_root)[0]
+    folder = tmp_path / "mine" / "MyTask"
+    folder.mkdir(parents=True)
+    for split, examples in (("train", colors.train), ("test", colors.test)):
+        rows = [{"prompt": e.prompt, "answer": e.answer} for e in examples]
+        (folder / f"{split}.json").write_text(json.dumps(rows))
+    data = {"source": "trace", "root": str(tmp_path / "mine"), "order": ["MyTask"]}
+    with pytest.raises(DataError, match="no TRACE metric known for 'MyTask'"):
+        _run(stream_root, tmp_path / "without", tiny_model, data=data)
+    results = _run(stream_root, tmp_path / "with", tiny_model, data=data, eval={"metric": "em"},
+                   train={"steps_per_task": 2})
+    assert results["tasks"] == ["MyTask"] and len(results["matrix"]) == 1
