@@ -83,6 +83,12 @@ def test_per_task_training_sends_current_rows_to_the_current_lora_and_replayed_r
     np.testing.assert_allclose(out[0], _own(state.params.lora["attn.q"], x[0], method), rtol=1e-5, atol=1e-5)
     for row, task in ((1, 0), (2, 1)):
         np.testing.assert_allclose(out[row], _own(history[task]["attn.q"], x[row], method), rtol=1e-5, atol=1e-5)
+    # A micro-batch of replayed rows only (grad_accum cuts a replaying batch so): the current task
+    # comes from the step, not from the batch's largest task id, so no row reaches the current LoRA.
+    batch = {"task_ids": jnp.array([0, 1, 1])}
+    out = _delta(method, state, "attn.q", x, method.train_ctx(None, state, batch, StepContext.start(2, 5, 0)))
+    for row, task in ((0, 0), (1, 1), (2, 1)):
+        np.testing.assert_allclose(out[row], _own(history[task]["attn.q"], x[row], method), rtol=1e-5, atol=1e-5)
 
 
 def test_seq_lora_keeps_one_adapter_and_no_past():
