@@ -51,6 +51,14 @@ def load_tasks(cfg: RunConfig) -> list:
                              cfg.eval.metric)
 
 
+def peak_memory_gib(devices=None) -> Optional[float]:
+    """The highest peak of device memory in use (GiB) over this process's devices since it started;
+    None where the backend keeps no statistics (the CPU)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in (devices or jax.local_devices())]
+    peaks = [p for p in peaks if p is not None]
+    return round(max(peaks) / 2**30, 3) if peaks else None
+
+
 def _versions() -> dict:
     import flax
     import optax
@@ -308,11 +316,17 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         "eval_seconds": round(prog.eval_seconds, 1),
         # this invocation's XLA compilations (a resumed run counts only its own)
         "compile_seconds": round(clock.seconds(), 1), "compilations": clock.count(),
+        "peak_memory_gib": peak_memory_gib(),
         "config": cfg.to_dict(), "versions": _versions(),
     }
+    folder.log(prog, {"event": "end", **{k: results[k] for k in _TIMINGS}})
     folder.write_results(results)
     folder.close()
     return results
+
+
+# What the log's last line ("event": "end") repeats from results.json.
+_TIMINGS = ("seconds", "train_seconds", "eval_seconds", "compile_seconds", "compilations", "peak_memory_gib")
 
 
 def _progress(enabled: bool, total: int, initial: int, name: str):

@@ -36,6 +36,26 @@ def test_results_json_schema_and_matrix_shape(stream_root, tmp_path, tiny_model)
     np.testing.assert_allclose(on_disk["metrics"]["AP"], matrix[-1].mean())
     steps = [r for r in _steps(tmp_path) if r["event"] == "step"]
     assert len(steps) == 3 * 6 and all(np.isfinite(r["loss"]) for r in steps)
+    end = _steps(tmp_path)[-1]
+    assert end["event"] == "end" and end["peak_memory_gib"] is None  # the CPU keeps no statistics
+    assert {k: end[k] for k in ("seconds", "train_seconds", "eval_seconds", "compile_seconds")} == \
+        {k: on_disk[k] for k in ("seconds", "train_seconds", "eval_seconds", "compile_seconds")}
+    assert on_disk["train_seconds"] + on_disk["eval_seconds"] <= on_disk["seconds"]
+
+
+def test_peak_memory_is_the_highest_device_peak_in_gib():
+    from jaxcl.train.loop import peak_memory_gib
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    devices = [Device({"peak_bytes_in_use": 3 * 2**30, "bytes_in_use": 1}), Device({"peak_bytes_in_use": 2**29})]
+    assert peak_memory_gib(devices) == 3.0
+    assert peak_memory_gib([Device(None), Device({})]) is None
 
 
 def test_attention_path_and_remat_from_the_config_train_the_same(stream_root, tmp_path, tiny_model):
