@@ -69,7 +69,7 @@ def _versions() -> dict:
     return {"jaxcl": jaxcl.__version__, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
             "orbax": orbax.checkpoint.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "backend": jax.default_backend(),
-            "devices": [str(x) for x in jax.devices()]}
+            "devices": [str(x) for x in jax.devices()], "device_kind": jax.devices()[0].device_kind}
 
 
 def _eos_ids(spec_eos: int, model) -> tuple[int, ...]:
