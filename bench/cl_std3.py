@@ -56,7 +56,8 @@ def run_once(cfg: dict, out: str, source: str, cache: str | None, timeout: float
         r = json.load(f)
     return {"wall_s": round(wall, 1), "engine_s": r["seconds"], "compile_s": r.get("compile_seconds"),
             "compilations": r.get("compilations"), "train_s": r.get("train_seconds"), "eval_s": r.get("eval_seconds"),
-            "peak_gib": r.get("peak_memory_gib"), "AP": r["metrics"]["AP"], "BWT": r["metrics"]["BWT"],
+            "peak_gib": r.get("peak_memory_gib"), "data_s": r.get("data_seconds"), "model_s": r.get("model_seconds"),
+            "prepare_s": r.get("prepare_seconds"), "AP": r["metrics"]["AP"], "BWT": r["metrics"]["BWT"],
             "matrix": r["matrix"], "device": r["versions"].get("device_kind", r["versions"]["devices"][0])}
 
 

@@ -647,20 +647,23 @@ def from_hf_tensors(config: LlamaConfig, get: TensorGetter, *, dtype=jnp.float32
     np_dtype = jnp.dtype(dtype)
     d = config.hidden_size
 
-    def load(name, shape, transpose=False):
+    # Assembled on the host (numpy), then one transfer per weight: eager jnp ops per layer would
+    # dispatch (and on an accelerator compile) hundreds of small programs.
+    def load(name, shape, transpose=False) -> np.ndarray:
         array = np.asarray(get(name, shape))
-        return jnp.asarray((array.T if transpose else array).astype(np_dtype))
+        return (array.T if transpose else array).astype(np_dtype)
 
     weights = {
         "embed": load("model.embed_tokens.weight", (config.vocab_size, d)),
         "norm": load("model.norm.weight", (d,)),
-        "layers": {name: jnp.stack([load(f"model.layers.{i}.{_hf_layer_name(name)}", shape[1:][::-1],
-                                         transpose=len(shape) == 3)
-                                    for i in range(config.num_hidden_layers)])
+        "layers": {name: np.stack([load(f"model.layers.{i}.{_hf_layer_name(name)}", shape[1:][::-1],
+                                        transpose=len(shape) == 3)
+                                   for i in range(config.num_hidden_layers)])
                    for name, (shape, _) in weight_table(config)["layers"].items()},
     }
     if not config.tie_word_embeddings:
         weights["lm_head"] = load("lm_head.weight", (config.vocab_size, d), transpose=True)
+    weights = jax.tree.map(jnp.asarray, weights)
     # Built abstractly (no random init), then every parameter is replaced by a loaded array.
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype)))
     nnx.replace_by_pure_dict(state, weights)

@@ -180,12 +180,16 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
     mesh = make_mesh(cfg)
     if jax.process_count() > 1:  # every process looks at the folder before any of them writes to it
         multihost_utils.sync_global_devices("jaxcl: output folder checked")
+    setup = {"data_seconds": time.time()}  # before the run's clock starts: reading, loading, preparing
     tasks = load_tasks(cfg)
+    setup["model_seconds"] = time.time()
     if model_and_tokenizer is None:
         model_and_tokenizer = load_model(cfg.model, dtype=jnp.dtype(cfg.dtype))
     model, tokenizer = model_and_tokenizer
     phases = [list(range(len(tasks)))] if method.joint else [[i] for i in range(len(tasks))]
+    setup["prepare_seconds"] = time.time()
     r = _Runner(cfg, tasks, model, tokenizer, method, len(phases), mesh)
+    setup = dict(zip(setup, np.diff([*setup.values(), time.time()]).round(2).tolist()))
     stream, evaluator = r.stream, r.evaluator
     initial = r.initial if not cfg.train.init_adapter else jexport.start_from_adapter(
         model, method, r.initial, cfg.train.init_adapter)  # (read before the folder is created)
@@ -317,6 +321,9 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         # this invocation's XLA compilations (a resumed run counts only its own)
         "compile_seconds": round(clock.seconds(), 1), "compilations": clock.count(),
         "peak_memory_gib": peak_memory_gib(),
+        # this invocation's set-up before the clock of ``seconds``: tasks read, model loaded, stream
+        # tokenized and weights placed (``prepare``)
+        **setup,
         "config": cfg.to_dict(), "versions": _versions(),
     }
     folder.log(prog, {"event": "end", **{k: results[k] for k in _TIMINGS}})
@@ -326,7 +333,8 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
 
 
 # What the log's last line ("event": "end") repeats from results.json.
-_TIMINGS = ("seconds", "train_seconds", "eval_seconds", "compile_seconds", "compilations", "peak_memory_gib")
+_TIMINGS = ("seconds", "train_seconds", "eval_seconds", "compile_seconds", "compilations", "peak_memory_gib",
+            "data_seconds", "model_seconds", "prepare_seconds")
 
 
 def _progress(enabled: bool, total: int, initial: int, name: str):
