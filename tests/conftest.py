@@ -1,7 +1,13 @@
 """Fixtures shared by the engine and method tests (the helpers themselves live in tiny_cl.py)."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Every test converts its GGUF files itself (a cached conversion would hide the code under test);
+# the cache's own tests turn it on in a temporary folder.
+os.environ.setdefault("JAXCL_MODEL_CACHE", "off")
 
 from tiny_cl import TASKS, tiny_llama, word_tokenizer, write_stream
 

