@@ -1,8 +1,9 @@
 """The end-to-end CL row: ``jaxcl run bench/cl_std3.yaml`` per method, alone on the device, first with
-an empty persistent compilation cache (cold), then again with the cache the first run filled (warm).
+empty caches (cold: compiled programs, converted GGUF), then again with the caches the first run
+filled (warm).
 
     PYTHONPATH=$PWD python bench/cl_std3.py --out DIR [--methods olora,any_ssr] [--model M] [--root R]
-        [--baseline SRC] [--write-results bench/results.json]
+        [--baseline SRC] [--env KEY=VALUE ...] [--tag T] [--write-results bench/results.json]
 
 Each run is a fresh process (``python -m jaxcl.cli run``), timed from its start to its exit (imports,
 model loading, tokenization, compiles, training, evaluation, writing): that is ``wall_s``. The
@@ -40,8 +41,10 @@ def run_once(cfg: dict, out: str, source: str, cache: str | None, timeout: float
     # ``source`` first, in place of this checkout (the rest of the path, e.g. carried wheels, stays)
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != ROOT]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([source, *rest]))
-    if cache is not None:
-        env["JAXCL_COMPILE_CACHE"] = cache
+    if cache is not None:  # compiled programs and the converted GGUF
+        env.update(JAXCL_COMPILE_CACHE=os.path.join(cache, "xla"), JAXCL_MODEL_CACHE=os.path.join(cache, "gguf"))
+    else:
+        env.update(JAXCL_COMPILE_CACHE="off", JAXCL_MODEL_CACHE="off")
     start = time.time()
     with open(os.path.join(out, "stderr.log"), "w") as err:
         try:
@@ -69,6 +72,9 @@ def main(argv=None) -> None:
     p.add_argument("--root", help="replaces the config's data.root")
     p.add_argument("--baseline", help="a checkout of older jaxcl code: runs the first method once")
     p.add_argument("--baseline-timeout", type=float, default=None, help="seconds the baseline run may take")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="set in every run's environment (e.g. XLA_FLAGS=...); the rows get --tag")
+    p.add_argument("--tag", default="", help="suffix of the row names (e.g. _autotune0)")
     p.add_argument("--write-results", metavar="RESULTS_JSON")
     args = p.parse_args(argv)
     with open(CONFIG) as f:
@@ -77,14 +83,16 @@ def main(argv=None) -> None:
         base["model"] = args.model
     if args.root:
         base["data"]["root"] = args.root
+    os.environ.update(dict(kv.split("=", 1) for kv in args.env))
     rows, stamp = {}, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     methods = args.methods.split(",")
     for method in methods:
         cfg = dict(base, method=method)
-        cache = os.path.abspath(os.path.join(args.out, f"xla_cache_{method}"))  # empty: the cold run fills it
+        cache = os.path.abspath(os.path.join(args.out, f"cache_{method}"))  # empty: the cold run fills it
         cold = run_once(cfg, os.path.join(args.out, f"{method}_cold"), ROOT, cache)
         warm = run_once(cfg, os.path.join(args.out, f"{method}_warm"), ROOT, cache)
-        rows[f"cl_std3_{method}"] = dict(cold, warm=warm, config="bench/cl_std3.yaml", run=f"cl_std3.py {stamp}")
+        rows[f"cl_std3_{method}{args.tag}"] = dict(cold, warm=warm, config="bench/cl_std3.yaml", env=args.env,
+                                                   run=f"cl_std3.py {stamp}")
         print(json.dumps({method: {"cold": {k: v for k, v in cold.items() if k != "matrix"},
                                    "warm": {k: v for k, v in warm.items() if k != "matrix"}}}), flush=True)
         _write(os.path.join(args.out, "rows.json"), rows)  # after each method: a stopped call keeps what ran
@@ -92,7 +100,7 @@ def main(argv=None) -> None:
         cfg = dict(base, method=methods[0])
         old = run_once(cfg, os.path.join(args.out, f"{methods[0]}_baseline"), os.path.abspath(args.baseline), None,
                        args.baseline_timeout)
-        row = rows[f"cl_std3_{methods[0]}"]
+        row = rows[f"cl_std3_{methods[0]}{args.tag}"]
         row["baseline"] = dict(old, code=os.path.basename(os.path.abspath(args.baseline)))
         if "error" not in old and "error" not in row:
             row["ratio"] = round(old["wall_s"] / row["wall_s"], 2)  # how many times faster than the old code, cold
