@@ -41,6 +41,14 @@ def entry(gguf_path: pathlib.Path) -> Optional[pathlib.Path]:
     return pathlib.Path(setting).expanduser() / f"{resolved.stem}-{key}"
 
 
+def tokenizer(folder: pathlib.Path):
+    """The cached tokenizer: the class ``write`` saved, named directly (``AutoTokenizer`` would import
+    much of transformers, and torch with it where torch is installed: ~10 s on a GPU machine)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+
+
 def write(folder: pathlib.Path, hf_config: Mapping[str, Any], arrays: Mapping[str, np.ndarray], tokenizer) -> None:
     """Write the entry atomically: a reader sees a complete folder or none (a failed write, e.g. a
     full disk, leaves nothing behind and is not an error: the model was loaded all the same)."""

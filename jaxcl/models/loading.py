@@ -441,7 +441,8 @@ def _load_gguf(path: pathlib.Path, dtype):
         raise ModelLoadError(f"{path}: no such GGUF file")
     cached = gguf_cache.entry(path)
     if cached is not None and cached.is_dir():
-        return _load_hf_dir(cached, dtype)
+        model, _ = _load_hf_dir(cached, dtype)
+        return model, lambda: gguf_cache.tokenizer(cached)
     reader = _gguf_reader(path)
     names = {t.name for t in reader.tensors}
     hf_config = _gguf_hf_config(path, reader.fields, names)
