@@ -663,7 +663,7 @@ def from_hf_tensors(config: LlamaConfig, get: TensorGetter, *, dtype=jnp.float32
     }
     if not config.tie_word_embeddings:
         weights["lm_head"] = load("lm_head.weight", (config.vocab_size, d), transpose=True)
-    weights = jax.tree.map(jnp.asarray, weights)
+    weights = jax.device_put(weights)  # (jnp.asarray would compile a staging program per shape)
     # Built abstractly (no random init), then every parameter is replaced by a loaded array.
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), dtype=dtype)))
     nnx.replace_by_pure_dict(state, weights)

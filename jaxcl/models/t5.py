@@ -392,7 +392,8 @@ def _hf_weights(config: T5Config, get: TensorGetter, dtype) -> dict:
             stack, _, name = path
             array = np.stack([_hf_layer_tensor(get, stack, i, name, shape[1:])
                               for i in range(shape[0])])
-        return jnp.asarray(np.asarray(array), dtype=dtype)
+        # device_put, not jnp.asarray: that compiles a staging program per shape
+        return jax.device_put(np.asarray(array).astype(jnp.dtype(dtype)))
     return _map_weights(make, weight_table(config))
 
 

@@ -405,3 +405,16 @@ def test_the_gguf_cache_can_be_turned_off(checkpoint, tmp_path, monkeypatch):
     assert gguf_cache.entry(path) is None
     load_model(f"gguf:{path}")
     assert not any(tmp_path.rglob("model.safetensors"))
+
+
+def test_loading_compiles_nothing(tmp_path, save_tiny_llama):
+    """Weights go to the device with ``device_put``: ``jnp.asarray`` would compile a staging program
+    for every weight shape (a second each on a GPU). Shapes no other test uses, so that no program
+    compiled earlier in this process hides one."""
+    from jaxcl.train.compilation import Clock
+
+    save_tiny_llama(tmp_path / "odd", seed=3, intermediate_size=88, num_hidden_layers=3)
+    clock = Clock()
+    model, _ = load_model(tmp_path / "odd", tokenizer=None)
+    assert clock.count() == 0
+    assert model.layers.gate[...].shape == (3, 32, 88)
