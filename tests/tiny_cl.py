@@ -17,6 +17,19 @@ TASKS = {
     "animals": (["cat", "dog"], lambda words: "cat" if "milk" in words else "dog"),
     "sizes": (["big", "small"], lambda words: "big" if "tree" in words else "small"),
 }
+
+_MIST = {"mist_batch_size": 4, "mist_per_example_chunk": 2, "mist_sensitivity_examples": 8}
+# Small options where the defaults cost compile or memory time on the tiny model (the method
+# contract and kill-and-resume tests run every method with them); every registered method must have
+# an entry (the contract test checks), so a new method cannot skip the contract.
+METHOD_ARGS = {
+    "seq_ft": {"frozen": ["embed"]}, "seq_lora": {}, "inc_lora": {}, "olora": {"hard_projection": True},
+    "l2_lora": {}, "mtl": {}, "per_task": {}, "any_ssr": {"expansion_dim": 16}, "oa_adapter": {"hard_projection": True},
+    "sapt": {"pseudo_new_tokens": 2}, "smat": {"num_experts": 2, "selector_dim": 4, "support_size": 4},
+}
+WRAPPER_ARGS = {"replay+seq_lora": {}, "mist+seq_lora": _MIST, "mist+olora": _MIST,
+                "replay+any_ssr": {"expansion_dim": 16}}
+
 WORDS = ["sun", "moon", "milk", "bone", "tree", "leaf", "rock", "sea", "sky", "sand"]
 
 

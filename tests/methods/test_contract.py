@@ -15,18 +15,8 @@ from jaxcl.methods import axes
 from jaxcl.methods.sapt import T5_SITES
 from jaxcl.train.checkpoint import Checkpointer
 
-from tiny_cl import EngineSteps, task_info, tiny_llama, tiny_stream, tiny_t5
+from tiny_cl import METHOD_ARGS as ARGS, WRAPPER_ARGS as WRAPPED, EngineSteps, task_info, tiny_llama, tiny_stream, tiny_t5
 
-_MIST = {"mist_batch_size": 4, "mist_per_example_chunk": 2, "mist_sensitivity_examples": 8}
-# Small options where the defaults cost compile or memory time on the tiny model; every registered
-# method must have an entry, so a new method cannot skip the contract.
-ARGS = {
-    "seq_ft": {"frozen": ["embed"]}, "seq_lora": {}, "inc_lora": {}, "olora": {"hard_projection": True},
-    "l2_lora": {}, "mtl": {}, "per_task": {}, "any_ssr": {"expansion_dim": 16}, "oa_adapter": {"hard_projection": True},
-    "sapt": {"pseudo_new_tokens": 2}, "smat": {"num_experts": 2, "selector_dim": 4, "support_size": 4},
-}
-WRAPPED = {"replay+seq_lora": {}, "mist+seq_lora": _MIST, "mist+olora": _MIST,
-           "replay+any_ssr": {"expansion_dim": 16}}
 NAMES = sorted(ARGS) + sorted(WRAPPED)
 VOCABULARY = {"layers", "tasks", "rank", "experts", "embed", "q_heads", "kv_heads", "mlp", "vocab", "expansion", "mask",
               "bottleneck", None}

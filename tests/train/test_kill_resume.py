@@ -12,7 +12,7 @@ import yaml
 
 from jaxcl.methods import REGISTRY
 
-from tiny_cl import TASKS, tiny_config
+from tiny_cl import METHOD_ARGS, TASKS, WRAPPER_ARGS, tiny_config
 
 
 def _cli(*args):
@@ -75,7 +75,7 @@ def test_every_method_resumes_to_the_same_matrix_and_losses(method, stream_root,
     from jaxcl.train.loop import Interrupted, run
 
     cfg = jconfig.from_dict(tiny_config(
-        stream_root, method=method, compile_cache=compile_cache, data={"order": list(TASKS)[:2]},
+        stream_root, method=method, method_args={**METHOD_ARGS, **WRAPPER_ARGS}[method], compile_cache=compile_cache, data={"order": list(TASKS)[:2]},
         train={"steps_per_task": 3, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 2},
         eval={"max_test_per_task": 4, "batch_size": 4, "max_new_tokens": 2}))
 
