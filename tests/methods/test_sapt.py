@@ -241,17 +241,26 @@ def test_past_loras_and_keys_are_bit_identical_after_the_next_task(two_tasks):
     assert all(jax.tree.leaves(moved))  # the shared query network trains on every task
 
 
+def _answer_ce(method, model, fixed, batch, step):
+    """``params -> mean answer-token cross-entropy`` of ``batch`` through the method's adapter."""
+    graphdef, weights = nnx.split(model)
+    base = nnx.to_pure_dict(weights)
+
+    def ce(params):
+        s = MethodState(params, fixed)
+        m = jstep.bind(graphdef, base)
+        nll, n = jstep.answer_nll(m, batch, method.adapter(s, method.train_ctx(m, s, batch, step)), max_targets=2)
+        return nll / n
+
+    return ce
+
+
 def _loss_grads(method, model, state):
     batch = {k: jnp.asarray(v) for k, v in _task_batches(1)[0].items() if k != "real"}
     graphdef, weights = nnx.split(model)
     base = nnx.to_pure_dict(weights)
     step = StepContext.start(1, 6, 6)
-
-    def ce(params):
-        s = MethodState(params, state.fixed)
-        m = jstep.bind(graphdef, base)
-        nll, n = jstep.answer_nll(m, batch, method.adapter(s, method.train_ctx(m, s, batch, step)), max_targets=2)
-        return nll / n
+    ce = _answer_ce(method, model, state.fixed, batch, step)
 
     def reflection(params):
         return method.extra_loss(jstep.bind(graphdef, base), MethodState(params, state.fixed), batch, step)
@@ -359,16 +368,7 @@ def test_t5_encoder_and_decoder_sites_train_and_pseudo_inputs_are_generated():
     state = pretend_trained(method.begin_task(jax.random.PRNGKey(2), state, infos[1]))
     np.testing.assert_array_equal(np.asarray(state.fixed.pseudo_valid).sum(axis=1), [2, 0])
     batch = {k: jnp.asarray(v) for k, v in batches(1)[0].items() if k != "real"}
-    graphdef, weights = nnx.split(model)
-    base = nnx.to_pure_dict(weights)
-    step = StepContext.start(1, 4, 4)
-
-    def ce(params):
-        s = MethodState(params, state.fixed)
-        m = jstep.bind(graphdef, base)
-        nll, n = jstep.answer_nll(m, batch, method.adapter(s, method.train_ctx(m, s, batch, step)), max_targets=2)
-        return nll / n
-
+    ce = _answer_ce(method, model, state.fixed, batch, StepContext.start(1, 4, 4))
     grads = jax.jit(jax.grad(ce))(state.params)
     assert _norm(grads.query) > 0
     for site in T5_SITES:  # encoder and decoder sites all see the adapter
