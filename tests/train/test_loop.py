@@ -31,7 +31,16 @@ def test_results_json_schema_and_matrix_shape(stream_root, tmp_path, tiny_model)
         assert key in on_disk
     assert on_disk["tasks"] == list(TASKS)
     matrix = np.array(on_disk["matrix"])
-    assert matrix.shape == (3, 3) and ((0 <= matrix) & (matrix <= 100)).all()
+    assert matrix.shape == (3, 3)
+    # each row is the evaluation logged after its task, and each score the mean of its prompts' scores
+    evals = {r["after"]: r["scores"] for r in _steps(tmp_path) if r["event"] == "eval"}
+    assert [evals[name] for name in TASKS] == on_disk["matrix"] and evals["base"] == on_disk["base_scores"]
+    with open(tmp_path / "predictions.jsonl") as f:
+        predictions = [json.loads(line) for line in f]
+    for i, after in enumerate(TASKS):
+        for j, task in enumerate(TASKS):
+            rows = [p["score"] for p in predictions if p["after"] == after and p["task"] == task]
+            assert rows and np.isclose(np.mean(rows), matrix[i, j]), (after, task)
     assert set(on_disk["metrics"]) == {"AP", "BWT", "FWT", "forgetting"}
     np.testing.assert_allclose(on_disk["metrics"]["AP"], matrix[-1].mean())
     steps = [r for r in _steps(tmp_path) if r["event"] == "step"]
