@@ -95,7 +95,8 @@ def subspace_overlap(U: jax.Array, V: jax.Array) -> jax.Array:
     """Overlap of two column spaces, ``‖Q_Uᵀ Q_V‖_F²`` (sum of squared cosines of principal angles).
 
     Between 0 (orthogonal subspaces) and ``min(rank U, rank V)`` (one subspace contains the other);
-    invariant to any invertible mixing of the columns of U or of V. A diagnostic, not a loss.
+    invariant to any invertible mixing of the columns of U or of V (in float32: any well-conditioned
+    one; Gram-Schmidt loses directions of a badly conditioned input). A diagnostic, not a loss.
 
     Args:
       U: ``(d, k)``.

@@ -159,13 +159,25 @@ def relative_position_bucket(relative_position: Array, *, bidirectional: bool, n
     else:
         offset = 0
         distance = -jnp.minimum(relative_position, 0)
+    # Every distance from max_distance on shares the last bucket, so a table of the first
+    # max_distance + 1 distances, computed on the host, gives every bucket.
+    table = jnp.asarray(_distance_buckets(num_buckets, max_distance))
+    return offset + table[jnp.minimum(distance, max_distance)]
+
+
+def _distance_buckets(num_buckets: int, max_distance: int) -> np.ndarray:
+    """int32 ``(max_distance + 1,)``: the bucket of each distance in one direction. The reference
+    computes the log-spaced buckets in float32 with a correctly rounded log; a compiled ``log`` may
+    be one ulp off, which moves distances whose exact value is a bucket edge (e.g. 18 for 12 causal
+    buckets and max_distance 162) into the bucket below, so the same float32 steps run here in numpy
+    with the log rounded from float64."""
     max_exact = num_buckets // 2
-    # Same float32 operation order as the reference so bucket edges land identically; the maximum
-    # only keeps log(0) out of the branch that `where` discards.
-    log_ratio = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
-                 / math.log(max_distance / max_exact) * (num_buckets - max_exact))
-    far = jnp.minimum(max_exact + log_ratio.astype(jnp.int32), num_buckets - 1)
-    return offset + jnp.where(distance < max_exact, distance, far)
+    distance = np.arange(max_distance + 1)
+    ratio = np.maximum(distance, 1).astype(np.float32) / np.float32(max_exact)
+    log_ratio = np.log(ratio.astype(np.float64)).astype(np.float32)
+    scaled = log_ratio / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
+    far = np.minimum(max_exact + scaled.astype(np.int64), num_buckets - 1)
+    return np.where(distance < max_exact, distance, far).astype(np.int32)
 
 
 def _position_bias(table: Array, query_positions: Array, key_positions: Array, *,
