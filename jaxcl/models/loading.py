@@ -435,14 +435,14 @@ def _gguf_reader(path: pathlib.Path):
 
 
 def _load_gguf(path: pathlib.Path, dtype):
-    import gguf
-
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such GGUF file")
     cached = gguf_cache.entry(path)
     if cached is not None and cached.is_dir():
         model, _ = _load_hf_dir(cached, dtype)
         return model, lambda: gguf_cache.tokenizer(cached)
+    import gguf
+
     reader = _gguf_reader(path)
     names = {t.name for t in reader.tensors}
     hf_config = _gguf_hf_config(path, reader.fields, names)
