@@ -19,6 +19,7 @@ from jaxcl.data import scoring
 from jaxcl.methods.base import Method, StepContext
 from jaxcl.methods.seq_ft import BaseModel
 from jaxcl.train import sharding as jsharding, step as jstep
+from jaxcl.train.compilation import Program
 from jaxcl.train.pipeline import Stream
 
 
@@ -48,12 +49,30 @@ class Evaluator:
         whole = jsharding.replicated(stream.mesh)
         gen = functools.partial(jstep.generate_step, graphdef=graphdef, max_new_tokens=cfg.eval.max_new_tokens,
                                 eos_token_id=eos_ids)
-        self._generate = {m: jax.jit(functools.partial(gen, method=m), out_shardings=whole)
+        self._generate = {m: Program(jax.jit(functools.partial(gen, method=m), out_shardings=whole))
                           for m in (method, BaseModel())}
-        self._route = jax.jit(functools.partial(jstep.route_step, graphdef=graphdef, method=method),
-                              out_shardings=whole) if method.routes else None
-        self._nll = jax.jit(functools.partial(jstep.eval_nll, graphdef=graphdef, method=method,
-                                              max_targets=stream.spec.max_answer_len), out_shardings=whole)
+        self._route = Program(jax.jit(functools.partial(jstep.route_step, graphdef=graphdef, method=method),
+                                      out_shardings=whole)) if method.routes else None
+        self._nll = Program(jax.jit(functools.partial(jstep.eval_nll, graphdef=graphdef, method=method,
+                                                      max_targets=stream.spec.max_answer_len), out_shardings=whole))
+
+    @property
+    def programs(self) -> list[Program]:
+        return [*self._generate.values(), self._nll] + ([self._route] if self._route is not None else [])
+
+    def compile_ahead(self, params: dict, fixed: Any, base_params: dict, base_fixed: Any, ctx: StepContext) -> None:
+        """Start compiling every evaluation program for the stream's shapes (``compilation.Program``):
+        ``params``/``fixed`` (and ``base_*``, the base row's) as the evaluation will place them."""
+        queue = self.stream.eval_queue()
+        if queue:
+            prompts = jsharding.shard_batch(self.stream.mesh, queue[0][2])
+            self._generate[BaseModel()].ahead(base_params, self.frozen_base, base_fixed, prompts)
+            self._generate[self.method].ahead(params, self.frozen_base, fixed, prompts)
+            if self._route is not None:
+                self._route.ahead(params, self.frozen_base, fixed, prompts)
+        held_out = next((i for i, t in enumerate(self.stream.tasks) if t.validation), None)
+        if held_out is not None:
+            self._nll.ahead(params, self.frozen_base, fixed, next(self.stream.validation_batches(held_out)), ctx)
 
     def evaluate(self, method: Method, params: dict, fixed: Any) -> Evaluation:
         """Score every task (``method`` is the run's method, or ``BaseModel()`` for the base row);

@@ -118,11 +118,34 @@ class _Runner:
         whole = jsharding.replicated(self.mesh)
         self.state_shardings = jstep.TrainState(param_shardings, opt_shardings,
                                                 jax.tree.map(lambda _: whole, StepContext.start(0, 1, 0)))
-        self.opt_init = jax.jit(self.make_tx(1).init, out_shardings=opt_shardings)
-        self.train_step = jax.jit(
+        self.opt_init = compilation.Program(jax.jit(self.make_tx(1).init, out_shardings=opt_shardings))
+        self.train_step = compilation.Program(jax.jit(
             functools.partial(jstep.train_step, graphdef=self.graphdef, method=method, make_tx=self.make_tx,
                               max_targets=self.stream.spec.max_answer_len),
-            donate_argnums=(0,), out_shardings=(self.state_shardings, whole))
+            donate_argnums=(0,), out_shardings=(self.state_shardings, whole)))
+        # placed like the train state, so that the step's arguments keep one signature
+        self.step_key = jax.jit(lambda key, phase, step: jax.random.fold_in(jax.random.fold_in(key, phase), step),
+                                out_shardings=whole)
+
+    @property
+    def programs(self) -> list[compilation.Program]:
+        return [self.opt_init, self.train_step, *self.evaluator.programs]
+
+    def compile_ahead(self) -> None:
+        """Start compiling every program of the run for the shapes the stream fixes, in parallel
+        (``compilation.Program``), with arguments placed as the loop places them."""
+        params = jsharding.abstract({"method": self.initial.params, "base": self.trained_base},
+                                    self.state_shardings.params)
+        fixed = jsharding.abstract(self.initial.fixed, self.method_shardings.fixed)
+        ctx = jsharding.place(StepContext.start(0, 1, 0), self.state_shardings.ctx)
+        self.opt_init.ahead(params)
+        opt_state = jsharding.abstract(jax.eval_shape(self.make_tx(1).init, params), self.state_shardings.opt_state)
+        tstate = jstep.TrainState(params, opt_state, ctx)
+        key = self.step_key(self.key, 0, 0)
+        for batch in self.stream.train_examples():
+            self.train_step.ahead(tstate, self.frozen_base, fixed, batch, key)
+        base = BaseModel().init(None, None, 0)
+        self.evaluator.compile_ahead(params, fixed, {"method": base.params, "base": params["base"]}, base.fixed, ctx)
 
     def place_state(self, state: MethodState) -> MethodState:
         return jsharding.place(state, self.method_shardings)
@@ -191,6 +214,7 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
     r = _Runner(cfg, tasks, model, tokenizer, method, len(phases), mesh)
     setup = dict(zip(setup, np.diff([*setup.values(), time.time()]).round(2).tolist()))
     stream, evaluator = r.stream, r.evaluator
+    r.compile_ahead()
     initial = r.initial if not cfg.train.init_adapter else jexport.start_from_adapter(
         model, method, r.initial, cfg.train.init_adapter)  # (read before the folder is created)
     folder.open([t.name for t in tasks])
@@ -270,8 +294,7 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         pending = None
         last_save = None  # (phase step, checkpoint number) of this phase's newest mid-task checkpoint
         for s in range(prog.step, steps):
-            key = jax.random.fold_in(jax.random.fold_in(r.key, phase), s)
-            tstate, m = r.train_step(tstate, r.frozen_base, fixed, feed(s), key)
+            tstate, m = r.train_step(tstate, r.frozen_base, fixed, feed(s), r.step_key(r.key, phase, s))
             if pending is not None:
                 record(*pending)
             pending = (s, m)
@@ -292,7 +315,7 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
             bar.close()
         prog.train_seconds += time.time() - t_phase
         trained_base = tstate.params["base"]
-        task_ctx = StepContext.start(phase, steps, prog.total_steps)
+        task_ctx = jsharding.place(StepContext.start(phase, steps, prog.total_steps), r.state_shardings.ctx)
         prog.val_loss += [evaluator.validation_loss(tstate.params, fixed, i, task_ctx) for i in members]
         info = dataclasses.replace(info, model=r.model(trained_base), total_steps=prog.total_steps)
         state = method.end_task(MethodState(tstate.params["method"], fixed), info)

@@ -121,11 +121,24 @@ class Stream:
                                           buckets=self.train_lengths)
             else:
                 b = batching.train_batch(train, t.batch_size, seed, step, self.spec, buckets=self.train_lengths)
-            b["task_ids"] = ids[b.pop("example_index")]
-            b.pop("position_ids", None)
-            b = {k: v.reshape((t.grad_accum, -1) + v.shape[1:]) for k, v in b.items()}
-            return jsharding.shard_batch(self.mesh, b, batch_axis=1)
+            return self._place_train(b, ids[b.pop("example_index")])
         return batch
+
+    def _place_train(self, b: dict, task_ids: np.ndarray) -> dict:
+        """A host training batch as the train step takes it: ``task_ids`` added, a leading
+        ``(grad_accum,)`` axis, split over the mesh."""
+        b = dict(b, task_ids=task_ids)
+        b.pop("position_ids", None)
+        b = {k: v.reshape((self.cfg.train.grad_accum, -1) + v.shape[1:]) for k, v in b.items()}
+        return jsharding.shard_batch(self.mesh, b, batch_axis=1)
+
+    def train_examples(self) -> list[dict]:
+        """One device batch of every training shape (one per ``train_lengths``), to compile for."""
+        rows = [x for t in self.tasks for x in t.train] or [x for t in self.tasks for x in t.validation]
+        shortest = min(rows, key=lambda x: len(x.prompt) + (len(x.answer) if self.spec.kind == "decoder" else 0))
+        size = self.cfg.train.batch_size
+        return [self._place_train(batching.collate_train([shortest] * size, np.ones(size, bool), self.spec, (n,)),
+                                  np.zeros(size, np.int32)) for n in self.train_lengths]
 
     # -- batches methods read, validation -----------------------------------------------------------
     def task_batches(self, members: list[int], split: str = "train") -> Iterator[dict]:

@@ -183,6 +183,13 @@ def place(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(_put, tree, shardings)
 
 
+def abstract(tree: Any, shardings: Any) -> Any:
+    """What ``place(tree, shardings)`` would give, as ``jax.ShapeDtypeStruct`` leaves (nothing moved)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s,
+                                                          weak_type=bool(getattr(x, "weak_type", False))),
+                        tree, shardings)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """The sharding of a value every device holds whole (e.g. outputs read back on every host)."""
     return NamedSharding(mesh, PartitionSpec())
