@@ -14,6 +14,8 @@ class CharTokenizer:
         self.add_bos, self.add_eos, self.pad_token_id = add_bos, add_eos, pad_token_id
 
     def __call__(self, text, add_special_tokens=True):
+        if isinstance(text, list):  # a batch, as HF tokenizers take one
+            return {"input_ids": [self(t, add_special_tokens)["input_ids"] for t in text]}
         ids = [ord(c) + 3 for c in text]
         if add_special_tokens:
             ids = [1] * self.add_bos + ids + [2] * self.add_eos

@@ -1,7 +1,8 @@
 """Turning Examples into token-id arrays (numpy only, deterministic).
 
-The tokenizer is anything HF-like: ``tokenizer(text, add_special_tokens=False)["input_ids"]`` (or
-``tokenizer.encode(text, add_special_tokens=False)``), ``eos_token_id`` and ``pad_token_id``
+The tokenizer is anything HF-like: ``tokenizer(text, add_special_tokens=False)["input_ids"]``, and
+the same for a list of texts (a batch: ids per text), or ``tokenizer.encode(text,
+add_special_tokens=False)`` where it is not callable; ``eos_token_id`` and ``pad_token_id``
 (EOS is used for padding when it is None). Text is always encoded without special tokens; the
 special tokens the tokenizer adds by default are detected once (:func:`make_batch_spec`) and added
 explicitly: a leading BOS (Llama-style tokenizers) goes before every prompt, and a trailing EOS
@@ -80,6 +81,16 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def encode_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """``[encode(tokenizer, t) for t in texts]``, in one batch call where the tokenizer takes a list
+    (a fast tokenizer encodes a batch on all cores: ~10x faster for a benchmark's few thousand rows)."""
+    if not texts:
+        return []
+    if callable(tokenizer):
+        return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return [encode(tokenizer, t) for t in texts]
+
+
 def _default_specials(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The ids the tokenizer adds before and after plain text by default."""
     probe = "a b"
@@ -144,18 +155,7 @@ def truncate_middle(ids: Sequence[int], limit: int) -> list[int]:
 
 def tokenize_example(example: Example, tokenizer, spec: BatchSpec) -> TokenizedExample:
     """Token ids of one example under ``spec`` (see the module docstring for the layout)."""
-    prompt_text, answer_text = example.prompt, example.answer
-    if spec.kind == "decoder":
-        prompt_text, answer_text = _decoder_texts(prompt_text, answer_text)
-    prompt_ids = encode(tokenizer, prompt_text)
-    budget = spec.max_prompt_len - len(spec.prompt_prefix) - len(spec.prompt_suffix)
-    prompt = list(spec.prompt_prefix) + truncate_middle(prompt_ids, budget) + list(spec.prompt_suffix)
-    if spec.kind == "decoder":
-        answer_ids = _running_text_ids(tokenizer, prompt_text, answer_text, prompt_ids)
-    else:
-        answer_ids = encode(tokenizer, answer_text)
-    answer = answer_ids[: spec.max_answer_len - 1] + [spec.eos_id]
-    return TokenizedExample(np.asarray(prompt, np.int32), np.asarray(answer, np.int32))
+    return tokenize_examples([example], tokenizer, spec)[0]
 
 
 def _decoder_texts(prompt: str, answer: str) -> tuple[str, str]:
@@ -170,16 +170,31 @@ def _decoder_texts(prompt: str, answer: str) -> tuple[str, str]:
     return prompt, answer
 
 
-def _running_text_ids(tokenizer, prompt: str, answer: str, prompt_ids: list[int]) -> list[int]:
-    """The answer's ids as they appear after the prompt in the joined text."""
+def _running_text_ids(tokenizer, answer: str, prompt_ids: list[int], joined: list[int]) -> list[int]:
+    """The answer's ids as they appear after the prompt in the joined text (``joined``: its ids)."""
     # The joined text gives the ids of running text (a SentencePiece tokenizer would encode a lone
     # " cold" with two spaces); when they do not start with the prompt's ids, encode the answer alone.
-    joined = encode(tokenizer, prompt + answer)
     if joined[: len(prompt_ids)] == prompt_ids:
         return joined[len(prompt_ids) :]
     return encode(tokenizer, answer)
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer, spec: BatchSpec) -> list[TokenizedExample]:
-    """Tokenizes every example, in order."""
-    return [tokenize_example(e, tokenizer, spec) for e in examples]
+    """Token ids of every example under ``spec``, in order (see the module docstring for the layout);
+    the texts of all examples are encoded in batch calls (``encode_many``)."""
+    texts = [(e.prompt, e.answer) for e in examples]
+    if spec.kind == "decoder":
+        texts = [_decoder_texts(p, a) for p, a in texts]
+    prompts = encode_many(tokenizer, [p for p, _ in texts])
+    if spec.kind == "decoder":
+        joined = encode_many(tokenizer, [p + a for p, a in texts])
+        answers = [_running_text_ids(tokenizer, a, p_ids, j) for (_, a), p_ids, j in zip(texts, prompts, joined)]
+    else:
+        answers = encode_many(tokenizer, [a for _, a in texts])
+    budget = spec.max_prompt_len - len(spec.prompt_prefix) - len(spec.prompt_suffix)
+    out = []
+    for prompt_ids, answer_ids in zip(prompts, answers):
+        prompt = list(spec.prompt_prefix) + truncate_middle(prompt_ids, budget) + list(spec.prompt_suffix)
+        answer = answer_ids[: spec.max_answer_len - 1] + [spec.eos_id]
+        out.append(TokenizedExample(np.asarray(prompt, np.int32), np.asarray(answer, np.int32)))
+    return out

@@ -60,14 +60,17 @@ def peak_memory_gib(devices=None) -> Optional[float]:
 
 
 def _versions() -> dict:
+    import importlib.metadata
+
     import flax
     import optax
     import orbax.checkpoint
-    import transformers
 
     import jaxcl
     return {"jaxcl": jaxcl.__version__, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-            "orbax": orbax.checkpoint.__version__, "transformers": transformers.__version__,
+            # from the installed metadata: the version is all this needs, and importing transformers
+            # can take seconds where torch is installed
+            "orbax": orbax.checkpoint.__version__, "transformers": importlib.metadata.version("transformers"),
             "python": platform.python_version(), "backend": jax.default_backend(),
             "devices": [str(x) for x in jax.devices()], "device_kind": jax.devices()[0].device_kind}
 

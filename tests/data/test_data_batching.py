@@ -71,6 +71,8 @@ class SentencePieceLike:
         self.vocab = {}
 
     def __call__(self, text, add_special_tokens=True):
+        if isinstance(text, list):  # a batch, as HF tokenizers take one
+            return {"input_ids": [self(t, add_special_tokens)["input_ids"] for t in text]}
         pieces = re.findall(r"▁*[^▁]+|▁+", "▁" + text.replace(" ", "▁"))
         return {"input_ids": [self.vocab.setdefault(p, len(self.vocab) + 3) for p in pieces]}
 
