@@ -27,7 +27,8 @@ import numpy as np
 DEFAULT_FOLDER = os.path.join("~", ".cache", "jaxcl", "gguf")
 ENV = "JAXCL_MODEL_CACHE"
 # Bump when the conversion changes what it produces: older entries are then never read.
-FORMAT = 1
+# 2: the tokenizer as ``jaxcl.models.tokenizer.Tokenizer`` writes it.
+FORMAT = 2
 
 
 def entry(gguf_path: pathlib.Path) -> Optional[pathlib.Path]:
@@ -42,8 +43,13 @@ def entry(gguf_path: pathlib.Path) -> Optional[pathlib.Path]:
 
 
 def tokenizer(folder: pathlib.Path):
-    """The cached tokenizer: the class ``write`` saved, named directly (``AutoTokenizer`` would import
-    much of transformers, and torch with it where torch is installed: ~10 s on a GPU machine)."""
+    """The cached tokenizer, of the class ``write`` saved: ``jaxcl.models.tokenizer.Tokenizer`` (byte-
+    level BPE vocabularies, read without transformers, which would import torch where torch is
+    installed: seconds on a GPU machine), else transformers' ``PreTrainedTokenizerFast``."""
+    from jaxcl.models.tokenizer import Tokenizer
+
+    if Tokenizer.saved_in(folder):
+        return Tokenizer.from_folder(folder)
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)

@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxcl.models import gguf_cache
+from jaxcl.models.tokenizer import Tokenizer
 
 # model_type -> (module, config class); modules are imported only when needed.
 _ARCHITECTURES = {"llama": ("jaxcl.models.llama", "LlamaConfig"), "qwen2": ("jaxcl.models.llama", "LlamaConfig"),
@@ -63,8 +64,8 @@ def load_model(source: str | os.PathLike, *, dtype=jnp.float32,
         (``load_tokenizer``).
 
     Returns:
-      The model (``jaxcl.models.Llama`` or ``jaxcl.models.T5``) and the tokenizer (a transformers
-      tokenizer, unless said otherwise above).
+      The model (``jaxcl.models.Llama`` or ``jaxcl.models.T5``) and the tokenizer (see
+      ``load_tokenizer``; unless said otherwise above).
 
     Raises:
       ModelLoadError: missing config.json, unsupported architecture, missing or misshapen tensor,
@@ -79,8 +80,9 @@ def load_model(source: str | os.PathLike, *, dtype=jnp.float32,
 
 
 def load_tokenizer(source: str | os.PathLike):
-    """The transformers tokenizer of a local directory (its tokenizer files) or of a GGUF file
-    (``"gguf:PATH"`` or a path ending in ``.gguf``).
+    """The tokenizer of a local directory (its tokenizer files: a transformers tokenizer) or of a GGUF
+    file (``"gguf:PATH"`` or a path ending in ``.gguf``; byte-level BPE vocabularies give a
+    ``jaxcl.models.tokenizer.Tokenizer``, which ``to_transformers()`` turns into transformers' own).
 
     Raises:
       ModelLoadError: no such directory/file, no tokenizer files in it, unreadable tokenizer.
@@ -508,7 +510,8 @@ _BYTE_LEVEL_PRE = {"smollm": ("digits",), "gpt2": (), "default": ()}
 
 def _gguf_tokenizer(path: pathlib.Path, fields: Mapping[str, Any]):
     """The tokenizer a GGUF file carries. Byte-level BPE vocabularies (SmolLM2's) are built here from
-    the file with ``tokenizers``: transformers' own GGUF reader needs torch, which jaxcl does not."""
+    the file with ``tokenizers`` as a ``jaxcl.models.tokenizer.Tokenizer``: transformers' own GGUF
+    reader needs torch, which jaxcl does not."""
     model_name = _gguf_value(fields["tokenizer.ggml.model"]) if "tokenizer.ggml.model" in fields else None
     pre = _gguf_value(fields["tokenizer.ggml.pre"]) if "tokenizer.ggml.pre" in fields else "default"
     try:
@@ -524,14 +527,13 @@ def _gguf_strings(field) -> list[str]:
     return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
 
 
-def _byte_level_bpe(fields: Mapping[str, Any], extra_pre: tuple[str, ...]):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def _byte_level_bpe(fields: Mapping[str, Any], extra_pre: tuple[str, ...]) -> Tokenizer:
+    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers
 
     tokens = _gguf_strings(fields["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in _gguf_strings(fields["tokenizer.ggml.merges"])]
     kinds = [int(fields["tokenizer.ggml.token_type"].parts[i][0]) for i in fields["tokenizer.ggml.token_type"].data]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     steps = [pre_tokenizers.Digits(individual_digits=True)] if "digits" in extra_pre else []
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps + [pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
@@ -544,6 +546,5 @@ def _byte_level_bpe(fields: Mapping[str, Any], extra_pre: tuple[str, ...]):
         return tokens[_gguf_value(fields[name])] if name in fields else None
 
     template = _gguf_value(fields["tokenizer.chat_template"]) if "tokenizer.chat_template" in fields else None
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special("bos_token_id"),
-                                   eos_token=special("eos_token_id"), unk_token=special("unknown_token_id"),
-                                   pad_token=special("padding_token_id"), chat_template=template)
+    return Tokenizer(tok, bos_token=special("bos_token_id"), eos_token=special("eos_token_id"),
+                     unk_token=special("unknown_token_id"), pad_token=special("padding_token_id"), chat_template=template)

@@ -93,8 +93,27 @@ def test_tokenizer_built_without_torch_matches_transformers_gguf_tokenizer(ours)
     for text in texts:
         ids = tok(text)["input_ids"]
         assert ids == ref(text)["input_ids"], text
+        assert tok(text, add_special_tokens=False)["input_ids"] == ref(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == ref.decode(ids)
+        assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert tok(texts, add_special_tokens=False)["input_ids"] == ref(texts, add_special_tokens=False)["input_ids"]
     chat = [{"role": "user", "content": CHATS[0]}]
     assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
         ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert (tok.bos_token, tok.eos_token, tok.pad_token, len(tok)) == (ref.bos_token, ref.eos_token, ref.pad_token, len(ref))
+
+
+def test_a_cached_default_model_loads_without_importing_transformers(tmp_path):
+    """The second load of the default GGUF reads the cached conversion, and its tokenizer is built
+    with ``tokenizers`` alone: transformers (which imports torch where torch is installed) stays out."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from jaxcl.models import load_model; model, tok = load_model('default'); "
+              "print(type(tok).__name__, 'transformers' in sys.modules, 'torch' in sys.modules, tok('a b')['input_ids'])")
+    env = dict(os.environ, JAXCL_MODEL_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
+    first, second = (subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+                     .stdout.split("\n")[-2] for _ in range(2))
+    assert first.split()[0] == "Tokenizer" and second.split()[:3] == ["Tokenizer", "False", "False"]
+    assert first.split(maxsplit=3)[3] == second.split(maxsplit=3)[3]
