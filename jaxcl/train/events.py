@@ -1,4 +1,4 @@
-"""TensorBoard event files of a run (``RUN_DIR/tensorboard``, written with tensorboardX).
+"""TensorBoard event files of a run (``RUN_DIR/tensorboard``, written by ``event_file``).
 
 The events are the records of ``log.jsonl`` as they are logged, so the two always agree:
 
@@ -16,9 +16,12 @@ the killed run wrote after its checkpoint and shows what an uninterrupted run wo
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
+
+from jaxcl.train import event_file
 
 FOLDER = "tensorboard"
 # step-record fields that say where the step is rather than measure it
@@ -36,55 +39,49 @@ def _steps(log_path: str) -> int:
 class Events:
     """The event file of one run folder, fed the records ``RunFolder`` logs.
 
-    Events are written synchronously (tensorboardX's record writer, not its ``SummaryWriter``, whose
-    background queue ``flush`` does not drain), so a flush at each checkpoint puts on disk every
-    event the checkpoint covers.
+    Events are written synchronously, so a flush at each checkpoint puts on disk every event the
+    checkpoint covers.
     """
 
     def __init__(self, out_dir: str, tasks: list[str], log_path: str):
-        from tensorboardX.event_file_writer import EventsWriter
-        from tensorboardX.proto.event_pb2 import Event, SessionLog
-
         self.tasks = tasks
         self.steps = _steps(log_path)
         folder = os.path.join(out_dir, FOLDER)
         os.makedirs(folder, exist_ok=True)
         # the nanosecond suffix orders (and keeps apart) the files of runs resumed within a second
-        self.file = EventsWriter(os.path.join(folder, "events"), filename_suffix=f".{time.time_ns()}")
+        self.file = event_file.EventFile(folder, suffix=f".{time.time_ns()}")
         if self.steps:  # a resumed run: TensorBoard drops the earlier files' events from here on
-            self.file.write_event(Event(wall_time=time.time(), step=self.steps + 1,
-                                        session_log=SessionLog(status=SessionLog.START)))
+            self.file.write(event_file.event(self.steps + 1, restart=True))
 
-    def _write(self, summary, step: int) -> None:
-        from tensorboardX.proto.event_pb2 import Event
-
-        self.file.write_event(Event(wall_time=time.time(), step=step, summary=summary))
+    def _write(self, value: bytes, step: int) -> None:
+        self.file.write(event_file.event(step, values=(value,)))
 
     def record(self, record: dict) -> None:
         """Write one ``log.jsonl`` record's numbers."""
-        from tensorboardX.summary import scalar
-
         if record["event"] == "step":
             self.steps += 1
             for name, value in record.items():
                 if name not in _POSITION and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._write(scalar(f"train/{name}", value), self.steps)
+                    self._write(event_file.scalar(f"train/{name}", value), self.steps)
         elif record["event"] == "eval":
             for group, values in (("eval", record["scores"]), ("routing", record.get("routing_accuracy"))):
                 for task, value in zip(self.tasks, values or ()):
-                    self._write(scalar(f"{group}/{task}", value), self.steps)
+                    self._write(event_file.scalar(f"{group}/{task}", value), self.steps)
 
     def results(self, results: dict) -> None:
         """The finished run's metrics and its accuracy matrix as an image."""
-        from tensorboardX.summary import image, scalar
-        from tensorboardX.utils import figure_to_image
+        import matplotlib.pyplot as plt
 
         from jaxcl.train.report import heatmap_figure
 
         for name, value in results["metrics"].items():
             if value is not None:
-                self._write(scalar(f"metrics/{name}", value), self.steps)
-        self._write(image("accuracy_matrix", figure_to_image(heatmap_figure(results))), self.steps)
+                self._write(event_file.scalar(f"metrics/{name}", value), self.steps)
+        figure = heatmap_figure(results)
+        png = io.BytesIO()
+        figure.savefig(png, format="png")
+        plt.close(figure)
+        self._write(event_file.png_image("accuracy_matrix", png.getvalue()), self.steps)
         self.flush()
 
     def flush(self) -> None:
