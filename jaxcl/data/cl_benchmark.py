@@ -63,12 +63,19 @@ INSTRUCTIONS: dict[str, str | None] = {
 }
 
 
-def cl_benchmark_prompt(task_type: str, dataset: str, sentence: str, labels: list[str] | None) -> str:
+def cl_benchmark_prompt(task_type: str, dataset: str, sentence: str, labels: list[str] | None, *,
+                        task_name: bool = True, dataset_name: bool = True) -> str:
     """Builds the O-LoRA prompt for one example.
 
     ``"Task:{T}\\nDataset:{name}\\n" + instruction + "Option: a, b \\n" + sentence + "\\nAnswer:"``;
     the option line is left out for open-ended tasks, and COPA (no instruction) keeps only the
-    task/dataset prefix, the sentence and the answer cue.
+    task/dataset prefix, the sentence and the answer cue. ``task_name`` / ``dataset_name`` False leave
+    the ``Task:`` / ``Dataset:`` line out (O-LoRA's ``add_task_name`` / ``add_dataset_name``): a prompt
+    that names its task lets a router read the task off the text.
+
+    Examples:
+      >>> cl_benchmark_prompt("SC", "imdb", "Great film.", ["Good", "Bad"], task_name=False, dataset_name=False)
+      'What is the sentiment of the following paragraph? Choose one from the option.\\nOption: Good, Bad \\nGreat film.\\nAnswer:'
     """
     if task_type not in INSTRUCTIONS:
         raise DataError(f"unknown CL_Benchmark task type {task_type!r}; known: {sorted(INSTRUCTIONS)}")
@@ -77,7 +84,7 @@ def cl_benchmark_prompt(task_type: str, dataset: str, sentence: str, labels: lis
     if instruction is not None:
         options = "Option: " + ", ".join(labels) + " \n" if labels else ""
         body = instruction + options + body
-    return f"Task:{task_type}\nDataset:{dataset}\n" + body
+    return f"Task:{task_type}\n" * task_name + f"Dataset:{dataset}\n" * dataset_name + body
 
 
 def _read_labels(path: str) -> list[str]:
@@ -107,20 +114,23 @@ def _with_gold_labels(records: list[dict], path: str, dataset: str, labels: list
     return kept
 
 
-def _read_split(path: str, task_type: str, dataset: str, labels: list[str] | None) -> list[Example]:
+def _read_split(path: str, task_type: str, dataset: str, labels: list[str] | None, **names: bool) -> list[Example]:
     records = read_records(path, ("sentence", "label"))
     if labels is not None:
         records = _with_gold_labels(records, path, dataset, labels)
-    return [Example(cl_benchmark_prompt(task_type, dataset, r["sentence"], labels), r["label"]) for r in records]
+    return [Example(cl_benchmark_prompt(task_type, dataset, r["sentence"], labels, **names), r["label"])
+            for r in records]
 
 
-def load_cl_benchmark_task(root: str, name: str, metric: str | None = None) -> Task:
+def load_cl_benchmark_task(root: str, name: str, metric: str | None = None, *, task_name: bool = True,
+                           dataset_name: bool = True) -> Task:
     """Loads task ``name`` from anywhere under the TaskType folders of ``root``.
 
     Args:
       root: the ``CL_Benchmark`` folder.
       name: the task folder name (matched ignoring case, '-' and '_').
       metric: overrides the benchmark's metric (exact match, ``"em"``).
+      task_name, dataset_name: keep the prompts' ``Task:`` / ``Dataset:`` lines (``cl_benchmark_prompt``).
 
     Returns:
       A Task with metric ``metric or "em"``; ``labels`` is None for open-ended tasks.
@@ -135,7 +145,8 @@ def load_cl_benchmark_task(root: str, name: str, metric: str | None = None) -> T
     labels_path = os.path.join(task_dir, "labels.json")
     labels = _read_labels(labels_path) if os.path.exists(labels_path) else None
     train, test = (
-        _read_split(os.path.join(task_dir, f"{split}.json"), task_type, dataset, labels)
+        _read_split(os.path.join(task_dir, f"{split}.json"), task_type, dataset, labels, task_name=task_name,
+                    dataset_name=dataset_name)
         for split in ("train", "test")
     )
     return Task(dataset, train, test, labels, metric or "em")

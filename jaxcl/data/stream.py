@@ -14,6 +14,9 @@ from jaxcl.data.trace import load_trace_task
 # The bundled WordNet stream uses the CL_Benchmark layout (see scripts/build_wordnet_stream.py).
 BUNDLED_ROOT = os.path.join(os.path.dirname(__file__), "bundled", "wordnet")
 
+# sources whose prompts open with O-LoRA's "Task:" and "Dataset:" lines
+PREFIXED_SOURCES = ("cl_benchmark", "bundled")
+
 _READERS = {
     "cl_benchmark": load_cl_benchmark_task,
     "superni": load_superni_task,
@@ -23,7 +26,7 @@ _READERS = {
 
 
 def load_stream(source: str, order: str | Sequence[str], root: str | None = None,
-                metric: str | None = None) -> list[Task]:
+                metric: str | None = None, *, task_name: bool = True, dataset_name: bool = True) -> list[Task]:
     """Loads the tasks of a stream in training order.
 
     Args:
@@ -33,6 +36,8 @@ def load_stream(source: str, order: str | Sequence[str], root: str | None = None
       root: the benchmark folder; ignored (must be None) for ``"bundled"``.
       metric: one metric for every task instead of each format's own (needed for a TRACE-layout
         task whose name the TRACE reader does not know).
+      task_name, dataset_name: False leaves the ``Task:`` / ``Dataset:`` line out of CL_Benchmark-layout
+        prompts (``"cl_benchmark"``, ``"bundled"``); the other formats' prompts have neither.
 
     Raises:
       DataError: unknown source or order, an order written for another format, a task missing
@@ -56,6 +61,8 @@ def load_stream(source: str, order: str | Sequence[str], root: str | None = None
         raise DataError("the task order is empty")
     if len(set(names)) != len(names):
         raise DataError(f"the task order repeats a task: {names}")
+    if source in PREFIXED_SOURCES:
+        return [_READERS[source](root, name, metric, task_name=task_name, dataset_name=dataset_name) for name in names]
     return [_READERS[source](root, name, metric) for name in names]
 
 

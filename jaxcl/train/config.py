@@ -26,6 +26,7 @@ from typing import Any, Optional, Union
 import jax
 import yaml
 
+from jaxcl.data.stream import PREFIXED_SOURCES
 from jaxcl.data.task import METRICS
 from jaxcl.train.compilation import DEFAULT_CACHE
 
@@ -43,6 +44,11 @@ class DataConfig:
     validation_fraction: float = 0.1
     max_prompt_tokens: int = 96
     max_answer_tokens: int = 16
+    # O-LoRA's "Task:<type>" / "Dataset:<name>" prompt lines (its scripts' add_task_name /
+    # add_dataset_name); null: as the official scripts (CL_Benchmark layout and the bundled stream:
+    # on; SuperNI and TRACE prompts have neither), false: left out
+    task_name: Optional[bool] = None
+    dataset_name: Optional[bool] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +181,10 @@ def from_dict(values: dict, where: str = "config") -> RunConfig:
     if any(n == 0 or n < -1 for n in sizes) or sizes.count(-1) > 1:
         raise ConfigError(f"{where}.mesh: sizes must be positive, with at most one -1 (all remaining devices); "
                           f"got {cfg.mesh}")
+    for field in ("task_name", "dataset_name"):
+        if getattr(cfg.data, field) and cfg.data.source not in PREFIXED_SOURCES:
+            raise ConfigError(f"{where}.data.{field}: {cfg.data.source} prompts have no such line "
+                              f"(only {' and '.join(PREFIXED_SOURCES)} prompts do); expected null or false")
     if cfg.eval.metric is not None and cfg.eval.metric not in METRICS:
         raise ConfigError(f"{where}.eval.metric: expected null or one of {list(METRICS)}, got {cfg.eval.metric!r}")
     if cfg.dtype not in ("float32", "bfloat16"):

@@ -48,7 +48,7 @@ def load_tasks(cfg: RunConfig) -> list:
     """The tasks of ``cfg.data`` in training order (read before the model, so data errors come fast)."""
     d = cfg.data
     return jdata.load_stream(d.source, d.order if isinstance(d.order, str) else list(d.order), d.root,
-                             cfg.eval.metric)
+                             cfg.eval.metric, task_name=d.task_name is not False, dataset_name=d.dataset_name is not False)
 
 
 def peak_memory_gib(devices=None) -> Optional[float]:

@@ -48,6 +48,33 @@ def test_cl_benchmark_prompt_is_olora_format(fixtures_dir):
     assert task.test[1].answer == "Sci/Tech"
 
 
+@pytest.mark.parametrize("task_name, dataset_name", [(False, True), (True, False), (False, False)])
+def test_the_task_and_dataset_lines_can_be_left_out(fixtures_dir, task_name, dataset_name):
+    from jaxcl.data import load_stream
+    from jaxcl.train import config as jconfig
+    from jaxcl.train.loop import load_tasks
+
+    root = os.path.join(fixtures_dir, "cl_benchmark")
+    full = load_cl_benchmark_task(root, "agnews").train[0]
+    cut = load_stream("cl_benchmark", ["agnews"], root, task_name=task_name, dataset_name=dataset_name)[0].train[0]
+    lines = ["Task:TC\n"] * task_name + ["Dataset:agnews\n"] * dataset_name
+    assert cut == Example("".join(lines) + full.prompt.split("Dataset:agnews\n", 1)[1], full.answer)
+    # the run config's data.task_name / data.dataset_name reach the reader (null: as O-LoRA's scripts)
+    cfg = jconfig.from_dict({"data": {"source": "cl_benchmark", "root": root, "order": ["agnews"],
+                                      "task_name": None if task_name else False,
+                                      "dataset_name": None if dataset_name else False}})
+    assert load_tasks(cfg)[0].train[0] == cut
+
+
+def test_prompts_without_task_lines_refuse_the_options(fixtures_dir):
+    from jaxcl.train import config as jconfig
+
+    with pytest.raises(jconfig.ConfigError, match=r"config.data.task_name: superni prompts have no such line"):
+        jconfig.from_dict({"data": {"source": "superni", "root": fixtures_dir, "order": ["x"], "task_name": True}})
+    assert jconfig.from_dict({"data": {"source": "superni", "root": fixtures_dir, "order": ["x"],
+                                       "dataset_name": False}}).data.dataset_name is False
+
+
 def test_cl_benchmark_never_reads_dev_json(fixtures_dir):
     # The fixture's dev.json is malformed on purpose: loading must still succeed.
     dev = os.path.join(fixtures_dir, "cl_benchmark", "TC", "agnews", "dev.json")
