@@ -46,6 +46,8 @@ def train(stream: str, path: str, options: dict) -> dict:
     z = np.load(path)
     arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
     trains, tests = arrays[0::2], arrays[1::2]
+    if "n_train" in options:  # the first n training prompts of each task (bench/cl_std3.yaml: 900)
+        trains = [t[: options["n_train"]] for t in trains]
     num_tasks, d = len(trains), trains[0].shape[1]
     k_query, k_keys = jax.random.split(jax.random.PRNGKey(options.get("seed", 0)))
     query = attention_select.query_init(k_query, d, 100)
