@@ -344,7 +344,8 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         "routing_accuracy": prog.routing if any(x is not None for x in prog.routing) else None,
         "seconds": round(time.time() - start_time, 1), "train_seconds": round(prog.train_seconds, 1),
         "eval_seconds": round(prog.eval_seconds, 1),
-        # this invocation's XLA compilations (a resumed run counts only its own)
+        # this invocation's XLA compilations (a resumed run counts only its own), seconds summed over
+        # the threads that compile in parallel
         "compile_seconds": round(clock.seconds(), 1), "compilations": clock.count(),
         "peak_memory_gib": peak_memory_gib(),
         # this invocation's set-up before the clock of ``seconds``: tasks read, model loaded, stream
