@@ -136,19 +136,20 @@ class _Runner:
 
     def compile_ahead(self) -> None:
         """Start compiling every program of the run for the shapes the stream fixes, in parallel
-        (``compilation.Program``), with arguments placed as the loop places them."""
+        (``compilation.Program``), with arguments placed as the loop places them; in the order the
+        run first calls them (the base model's evaluation comes first)."""
         params = jsharding.abstract({"method": self.initial.params, "base": self.trained_base},
                                     self.state_shardings.params)
         fixed = jsharding.abstract(self.initial.fixed, self.method_shardings.fixed)
         ctx = jsharding.place(StepContext.start(0, 1, 0), self.state_shardings.ctx)
+        base = BaseModel().init(None, None, 0)
+        self.evaluator.compile_ahead(params, fixed, {"method": base.params, "base": params["base"]}, base.fixed, ctx)
         self.opt_init.ahead(params)
         opt_state = jsharding.abstract(jax.eval_shape(self.make_tx(1).init, params), self.state_shardings.opt_state)
         tstate = jstep.TrainState(params, opt_state, ctx)
         key = self.step_key(self.key, 0, 0)
         for batch in self.stream.train_examples():
             self.train_step.ahead(tstate, self.frozen_base, fixed, batch, key)
-        base = BaseModel().init(None, None, 0)
-        self.evaluator.compile_ahead(params, fixed, {"method": base.params, "base": params["base"]}, base.fixed, ctx)
 
     def place_state(self, state: MethodState) -> MethodState:
         return jsharding.place(state, self.method_shardings)
