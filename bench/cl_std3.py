@@ -3,7 +3,8 @@ empty caches (cold: compiled programs, converted GGUF), then again with the cach
 filled (warm).
 
     PYTHONPATH=$PWD python bench/cl_std3.py --out DIR [--methods olora,any_ssr] [--model M] [--root R]
-        [--baseline SRC] [--env KEY=VALUE ...] [--tag T] [--write-results bench/results.json]
+        [--baseline SRC] [--env KEY=VALUE ...] [--set FIELD=VALUE ...] [--tag T]
+        [--write-results bench/results.json]
 
 Each run is a fresh process (``python -m jaxcl.cli run``), timed from its start to its exit (imports,
 model loading, tokenization, compiles, training, evaluation, writing): that is ``wall_s``. The
@@ -74,6 +75,9 @@ def main(argv=None) -> None:
     p.add_argument("--baseline-timeout", type=float, default=None, help="seconds the baseline run may take")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set in every run's environment (e.g. XLA_FLAGS=...); the rows get --tag")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="replaces a config field (dotted, e.g. remat=true or train.batch_size=8; the value is "
+                        "read as YAML); the rows get --tag")
     p.add_argument("--tag", default="", help="suffix of the row names (e.g. _autotune0)")
     p.add_argument("--write-results", metavar="RESULTS_JSON")
     args = p.parse_args(argv)
@@ -83,6 +87,13 @@ def main(argv=None) -> None:
         base["model"] = args.model
     if args.root:
         base["data"]["root"] = args.root
+    for assignment in args.set:
+        field, value = assignment.split("=", 1)
+        *parents, leaf = field.split(".")
+        node = base
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = yaml.safe_load(value)
     os.environ.update(dict(kv.split("=", 1) for kv in args.env))
     rows, stamp = {}, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     methods = args.methods.split(",")
@@ -92,7 +103,7 @@ def main(argv=None) -> None:
         cold = run_once(cfg, os.path.join(args.out, f"{method}_cold"), ROOT, cache)
         warm = run_once(cfg, os.path.join(args.out, f"{method}_warm"), ROOT, cache)
         rows[f"cl_std3_{method}{args.tag}"] = dict(cold, warm=warm, config="bench/cl_std3.yaml", env=args.env,
-                                                   run=f"cl_std3.py {stamp}")
+                                                   set=args.set, run=f"cl_std3.py {stamp}")
         print(json.dumps({method: {"cold": {k: v for k, v in cold.items() if k != "matrix"},
                                    "warm": {k: v for k, v in warm.items() if k != "matrix"}}}), flush=True)
         _write(os.path.join(args.out, "rows.json"), rows)  # after each method: a stopped call keeps what ran
