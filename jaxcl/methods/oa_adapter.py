@@ -63,6 +63,9 @@ from jaxcl.methods.base import Method, MethodState
 from jaxcl.models.sites import Adapter, SiteHook, resolve_sites
 
 
+ORTHOGONAL_TO = ("output", "input", "both")
+
+
 class Bottleneck(NamedTuple):
     """The current task's adapter at one site, stacked over layers (g and τ in 1/multiplier units)."""
 
@@ -99,6 +102,9 @@ class OAAdapter(Method):
     scale: output scale s of the adapter (O-LoRA's α/r).
     gate_lr_multiplier: how much faster (under Adam) g and τ train than W1 and W2.
     hard_projection: keep W2_t exactly orthogonal to past active columns after every update.
+    orthogonal_to: which factor the penalty keeps apart from the past active dimensions:
+      ``"output"`` (the paper: W2 columns), ``"input"`` (W1 rows, the side O-LoRA constrains with
+      its A matrices: a new adapter then reads input directions the past ones did not) or ``"both"``.
     """
 
     name = "oa_adapter"
@@ -112,6 +118,7 @@ class OAAdapter(Method):
     scale: float = 4.0
     gate_lr_multiplier: float = 20.0
     hard_projection: bool = False
+    orthogonal_to: str = "output"
 
     def __post_init__(self):
         if self.r_max < 1:
@@ -120,6 +127,8 @@ class OAAdapter(Method):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.gate_lr_multiplier > 0:
             raise ValueError(f"gate_lr_multiplier must be > 0, got {self.gate_lr_multiplier}")
+        if self.orthogonal_to not in ORTHOGONAL_TO:
+            raise ValueError(f"orthogonal_to: expected one of {ORTHOGONAL_TO}, got {self.orthogonal_to!r}")
         if self.tau_init < 0:
             raise ValueError(f"tau_init must be >= 0 (a negative threshold amplifies), got {self.tau_init}")
 
@@ -186,8 +195,12 @@ class OAAdapter(Method):
         loss = jnp.zeros((), jnp.float32)
         for site, cur in state.params.items():
             past = state.fixed.past[site]
-            if self.lambda_orth:
+            if self.lambda_orth and self.orthogonal_to in ("output", "both"):
                 per_layer = jax.vmap(bottleneck.orthogonality_penalty)(past.w2, past.gamma, cur.w2)
+                loss = loss + self.lambda_orth * jnp.sum(per_layer)
+            if self.lambda_orth and self.orthogonal_to in ("input", "both"):  # W1 rows as columns
+                per_layer = jax.vmap(bottleneck.orthogonality_penalty)(
+                    jnp.swapaxes(past.w1, -1, -2), past.gamma, jnp.swapaxes(cur.w1, -1, -2))
                 loss = loss + self.lambda_orth * jnp.sum(per_layer)
             if self.l1:
                 loss = loss + self.l1 * jnp.sum(jnp.abs(self.gates(cur)))

@@ -91,10 +91,10 @@ def test_r_eff_counts_the_active_gates_and_the_parameters_they_use():
     assert report["adapter_params_allocated"] == 3 * sum(L * 8 * (i + o) for L, i, o in SHAPES.values())
 
 
-@settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 10**6), trained=st.integers(0, 3))
-def test_orthogonality_penalty_equals_a_numpy_reference(seed, trained):
-    method = OAAdapter(lambda_orth=1.0, l1=0.0)
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10**6), trained=st.integers(0, 3), side=st.sampled_from(["output", "input", "both"]))
+def test_orthogonality_penalty_equals_a_numpy_reference(seed, trained, side):
+    method = OAAdapter(lambda_orth=1.0, l1=0.0, orthogonal_to=side)
     state = _state_with_past(method, seed, num_tasks=4, trained=trained)
     rng = np.random.default_rng(seed)
     current = {site: p._replace(w2=jnp.asarray(rng.normal(size=p.w2.shape), jnp.float32))
@@ -106,8 +106,12 @@ def test_orthogonality_penalty_equals_a_numpy_reference(seed, trained):
         for layer in range(SHAPES[site][0]):
             for s in range(trained):
                 active = np.asarray(past.gamma[layer, s]) != 0
-                columns = np.asarray(past.w2[layer, s], np.float64)[:, active]
-                expected += np.sum((columns.T @ np.asarray(cur.w2[layer], np.float64)) ** 2)
+                if side in ("output", "both"):  # past active W2 columns against every current column
+                    columns = np.asarray(past.w2[layer, s], np.float64)[:, active]
+                    expected += np.sum((columns.T @ np.asarray(cur.w2[layer], np.float64)) ** 2)
+                if side in ("input", "both"):  # past active W1 rows against every current row
+                    rows = np.asarray(past.w1[layer, s], np.float64)[active]
+                    expected += np.sum((rows @ np.asarray(cur.w1[layer], np.float64).T) ** 2)
     assert (expected > 0) == (trained > 0)
     np.testing.assert_allclose(float(method.extra_loss(None, state, {}, STEP)), expected, rtol=1e-4, atol=1e-6)
 
@@ -174,6 +178,8 @@ def test_full_run_keeps_past_adapters_bit_identical_and_reports_and_plots_budget
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="r_max"):
         OAAdapter(r_max=0)
+    with pytest.raises(ValueError, match="orthogonal_to"):
+        OAAdapter(orthogonal_to="w1")
     with pytest.raises(ValueError, match="tau_init must be >= 0"):
         OAAdapter(tau_init=-0.1)
     with pytest.raises(ValueError, match="match no site"):
