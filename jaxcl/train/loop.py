@@ -32,7 +32,7 @@ from jaxcl.methods import axes as jaxes
 from jaxcl.methods.base import Method, MethodState, ModelInfo, StepContext, TaskInfo
 from jaxcl.methods.seq_ft import BaseModel
 from jaxcl.train import compilation, optim, sharding as jsharding, step as jstep
-from jaxcl.train.config import RunConfig, check_resume
+from jaxcl.train.config import RunConfig, check_resume, model_remat
 from jaxcl.train.evaluate import Evaluator
 from jaxcl.train.pipeline import Stream
 from jaxcl.train.run_state import Progress, RunError, RunFolder
@@ -90,7 +90,8 @@ class _Runner:
         # The config's attention path, remat policy and layer loop go into the graph definition
         # only: the caller's model object keeps its own settings.
         own = model.attention, model.remat, model.scan_layers
-        model.attention, model.remat, model.scan_layers = cfg.attention, cfg.remat, cfg.scan_layers
+        model.attention, model.remat, model.scan_layers = (cfg.attention, model_remat(cfg.remat, jax.default_backend()),
+                                                            cfg.scan_layers)
         self.graphdef, weights = nnx.split(model)
         model.attention, model.remat, model.scan_layers = own
         self.mesh = mesh

@@ -2,8 +2,10 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxcl import cli
 from jaxcl.train import config as jconfig
@@ -80,6 +82,19 @@ def test_attention_path_and_remat_from_the_config_train_the_same(stream_root, tm
         _run(stream_root, tmp_path / "cudnn", tiny_model, method="seq_lora", attention="cudnn")
 
 
+def test_remat_auto_recomputes_on_accelerators_only(stream_root, tmp_path, tiny_model, monkeypatch):
+    seen = []
+    real_split = nnx.split
+    monkeypatch.setattr(nnx, "split", lambda model, *a: (seen.append(getattr(model, "remat", None)), real_split(model, *a))[1])
+    assert jconfig.from_dict({}).remat == "auto"
+    _run(stream_root, tmp_path / "cpu", tiny_model, method="seq_lora")
+    assert seen[0] is False and tiny_model[0].remat is False
+    seen.clear()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    _run(stream_root, tmp_path / "gpu", tiny_model, method="seq_lora")
+    assert seen[0] is True and tiny_model[0].remat is False  # the caller's model keeps its own setting
+
+
 def test_killed_and_resumed_run_ends_with_the_same_results(stream_root, tmp_path, tiny_tokenizer):
     overrides = {"train": {"steps_per_task": 6, "batch_size": 4, "lr": 1e-2, "checkpoint_every": 2}}
     full = _run(stream_root, tmp_path / "full", (tiny_llama(len(tiny_tokenizer)), tiny_tokenizer), **overrides)
@@ -134,7 +149,7 @@ def _write(path, text):
     ("method: olora\nmethod_args: {rank: 4, colour: red}\n", "method_args.colour"),
     ("method: [olora\n", "line"),
     ("method: olora\nattention: flash\n", "attention: expected null, 'cudnn' or 'xla'"),
-    ("method: olora\nremat: everything\n", "remat: expected true/false or a jax.checkpoint_policies name"),
+    ("method: olora\nremat: everything\n", "remat: expected auto, true, false or a jax.checkpoint_policies name"),
 ])
 def test_bad_config_exits_2_with_one_clear_error(tmp_path, capsys, body, message):
     cfg = _write(tmp_path / "bad.yaml", body)
