@@ -37,15 +37,19 @@ def batches(task: int, n_rows: int = 32, batch: int = 8, seed: int = 0) -> list[
 
 
 def routing(options: dict) -> list[float]:
+    """``options``: SAPT's, plus the stream's ``rows`` (training prompts a task, 32), ``repeats``
+    (passes over them, 15) and ``lr`` (3e-2)."""
+    options = dict(options)
+    rows, repeats, lr = options.pop("rows", 32), options.pop("repeats", STEPS), options.pop("lr", 3e-2)
     model = tiny_llama(VOCAB)
     method = SAPT(**dict({"pseudo_source": "real", "pseudo_min": 4}, **options))
-    trainer = EngineSteps(method, model, optax.adam(3e-2), max_targets=2)
+    trainer = EngineSteps(method, model, optax.adam(lr), max_targets=2)
     state = axes.values(method.init(jax.random.PRNGKey(0), ModelInfo.of(model), TASKS))
     total = 0
     for t in range(TASKS):
-        info = TaskInfo(t, TASKS, f"task{t}", batches=functools.partial(iter, batches(t)), model=model)
+        info = TaskInfo(t, TASKS, f"task{t}", batches=functools.partial(iter, batches(t, rows)), model=model)
         state = method.begin_task(jax.random.PRNGKey(10 + t), state, info)
-        feed = [{k: v[None] for k, v in b.items() if k != "real"} for b in batches(t)] * STEPS
+        feed = [{k: v[None] for k, v in b.items() if k != "real"} for b in batches(t, rows)] * repeats
         state, _, _ = trainer.run(state, feed, StepContext.start(t, len(feed), total), key_seed=t)
         total += len(feed)
         state = method.end_task(state, info)

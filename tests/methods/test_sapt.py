@@ -394,15 +394,42 @@ def _anonymous_batches(task: int, n_rows: int = 16, batch: int = 8, seed: int = 
 
 @pytest.mark.slow
 def test_routes_prompts_that_do_not_name_their_dataset():
-    model = tiny_llama(VOCAB)
-    method = SAPT(pseudo_source="real", current_ratio=1.0, pseudo_min=4)
-    state = _train_tasks(method, model, _anonymous_batches, 2, 2, steps=15)["end1"]
-    hits = []
-    for task in range(2):
+    """Three tasks whose prompts do not name them, 256 prompts each seen once at lr 1e-3 (a real
+    benchmark's single epoch at a small learning rate): after the last task SAPT's argmax picks each
+    held-out prompt's own task >= 90 % of the time. With the paper's method (``route_epochs=0``) the
+    query network is still half-trained when a task ends and the middle task's prompts go elsewhere
+    (81 / 0 / 100 %; experiments/sapt/RESULTS.md)."""
+    model = tiny_llama(64)
+    method = SAPT(pseudo_source="real", pseudo_min=4, pseudo_fraction=0.125)
+    state = _train_tasks(method, model, lambda t: _anonymous_batches(t, n_rows=256), 3, 3, steps=1, lr=1e-3)["end2"]
+    for task in range(3):
+        hits = []
         for held_out in _anonymous_batches(task, n_rows=32, seed=99):
             prompts = {"input_ids": jnp.asarray(held_out["input_ids"][:, :6]), "attention_mask": jnp.ones((8, 6), jnp.int32)}
             hits += list(np.asarray(method.route(model, state, prompts)) == task)
-    assert np.mean(hits) >= 0.9, np.mean(hits)
+        assert np.mean(hits) >= 0.9, (task, np.mean(hits))
+
+
+def test_routing_fit_trains_the_query_network_and_current_key_only(two_tasks):
+    method, model, snaps = two_tasks
+    paper = dataclasses.replace(method, route_epochs=0)
+    info = TaskInfo(1, 3, "task1", batches=functools.partial(iter, _task_batches(1)), model=model)
+    before = paper.begin_task(jax.random.PRNGKey(11), snaps["end0"], info)
+    after = method._fit_routing(before, info)
+    assert after.params.lora is before.params.lora and after.fixed is before.fixed
+    assert _norm(jax.tree.map(jnp.subtract, after.params.query, before.params.query)) > 0
+    assert float(jnp.abs(after.params.key - before.params.key).max()) > 0
+
+    def routing_loss(state):  # what the fit minimises: ARM weighted by route_kl_ratio
+        batch = {k: jnp.concatenate([jnp.asarray(b[k]) for b in _task_batches(1)])
+                 for k in ("input_ids", "attention_mask", "loss_mask", "task_ids")}
+        fit = dataclasses.replace(method, kl_ratio=method.route_kl_ratio)
+        return float(fit.extra_loss(model, state, batch, StepContext.start(1, 6, 6)))
+
+    assert routing_loss(after) < routing_loss(before)
+    # the first task has one open slot: nothing to fit
+    first = TaskInfo(0, 3, "task0", batches=functools.partial(iter, _task_batches(0)), model=model)
+    assert method._fit_routing(snaps["begin0"], first) is snaps["begin0"]
 
 
 @pytest.mark.slow
