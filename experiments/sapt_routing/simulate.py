@@ -21,7 +21,9 @@ import optax
 from jaxcl.kernels import attention_select
 
 STREAMS = {"std": ("cl_benchmark", ["dbpedia", "amazon", "agnews"], 1800, 64, 1.0, 2.0),  # train, batch, epochs, kl
+           "std_no_task_lines": ("cl_benchmark", ["dbpedia", "amazon", "agnews"], 1800, 64, 1.0, 2.0),
            "wordnet": ("bundled", "wordnet", 540, 16, 2.0, 1.0)}
+NO_TASK_LINES = {"std_no_task_lines"}  # prompts without their "Task:" / "Dataset:" lines
 
 
 def features(stream: str, root, path: str) -> None:
@@ -30,7 +32,8 @@ def features(stream: str, root, path: str) -> None:
     from jaxcl.data import load_stream
 
     source, order, n_train, *_ = STREAMS[stream]
-    tasks = load_stream(source, order, root)
+    lines = stream not in NO_TASK_LINES
+    tasks = load_stream(source, order, root, task_name=lines, dataset_name=lines)
     model, tokenizer = load_model("default")
     table = np.asarray(model.embed_inputs(jnp.arange(model.config.vocab_size)[None])[0], np.float32)
     pooled = lambda examples: np.stack([table[tokenizer(e.prompt)["input_ids"][:256]].max(0) for e in examples])
