@@ -260,7 +260,8 @@ class SAPT(LoRAOptions, Method):
         (0: the paper's method; module docstring, "Fitting the routing first").
       route_batch, route_lr: batch size and Adam learning rate of those passes.
       route_kl_ratio: ARM's weight in those passes (the current task's routing term keeps
-        ``current_ratio``): 1 weighs every past task as much as the current one.
+        ``current_ratio``): 1 weighs every past task as much as the current one; none while
+        ``kl_ratio`` is 0.
     """
 
     name = "sapt"
@@ -499,7 +500,7 @@ def _fit_route(method: SAPT, state, pooled, count, steps, current, key):
     each on ``route_batch`` rows drawn from the first ``count`` rows of ``pooled`` (padded)."""
     tx = optax.adam(method.route_lr)
     rows = jnp.ones((method.route_batch,), jnp.float32)
-    fit = dataclasses.replace(method, kl_ratio=method.route_kl_ratio)
+    fit = dataclasses.replace(method, kl_ratio=method.route_kl_ratio if method.kl_ratio else 0.0)  # ARM off stays off
 
     def loss(route, e):
         query, key_c = route
