@@ -4,7 +4,10 @@ SAPT's attention depends only on the frozen input embeddings, the query network 
 so its training can be replayed without the language model: the losses that reach the attention
 are ARM's KL on the past tasks' pseudo-inputs and, with ``current_ratio``, the current task's
 routing KL (the cross-entropy's pull is left out: it is ~0 while the current LoRA is still zero).
-This isolates why routing fails or works for a given budget. Used for experiments/sapt_routing/README.md.
+This isolates why routing fails or works for a given budget. Used for experiments/sapt_routing/README.md
+and experiments/sapt/RESULTS.md. Options: ``kl_ratio``, ``current_ratio``, ``epochs``, ``batch``,
+``lr``, ``seed``, ``n_train``, ``pseudo_fraction``, ``pseudo_capacity``, and ``fit_epochs`` /
+``fit_kl`` (SAPT's ``route_epochs`` / ``route_kl_ratio``: passes before each task's epochs).
 
     PYTHONPATH=$PWD python experiments/sapt_routing/simulate.py features std --root ../shared/benchmarks/CL_Benchmark
     PYTHONPATH=$PWD python experiments/sapt_routing/simulate.py train std '{"current_ratio": 1, "epochs": 3}'
@@ -58,10 +61,12 @@ def train(stream: str, path: str, options: dict) -> dict:
     logits = lambda q, ks, e, c: attention_select.attention_logits(ks, attention_select.query(q, jnp.asarray(e)),
                                                                    jnp.arange(num_tasks) <= c)
     targets, pseudo, tx = np.zeros((num_tasks, num_tasks), np.float32), [], optax.adam(lr)
+    # SAPT's routing fit (``route_epochs``): fit_epochs passes with ARM at fit_kl before the task's epochs
+    fit_epochs, fit_kl = options.get("fit_epochs", 0), options.get("fit_kl", 1.0)
     for c in range(num_tasks):
-        def loss(p, rows, c=c):
+        def loss(p, rows, w, c=c):
             ks = keys.at[c].set(p["key"])
-            total = sum(kl * attention_select.kl_to_target(logits(p["query"], ks, pseudo[i], c), jnp.asarray(targets[i]))
+            total = sum(w * attention_select.kl_to_target(logits(p["query"], ks, pseudo[i], c), jnp.asarray(targets[i]))
                         for i in range(c))
             if current:
                 total = total + current * attention_select.kl_to_target(logits(p["query"], ks, rows, c),
@@ -69,16 +74,20 @@ def train(stream: str, path: str, options: dict) -> dict:
             return total
 
         @jax.jit
-        def step(p, opt, rows):
-            grads = jax.grad(loss)(p, rows)
+        def step(p, opt, rows, w):
+            grads = jax.grad(loss)(p, rows, w)
             updates, opt = tx.update(grads, opt, p)
             return optax.apply_updates(p, updates), opt
 
         p = {"query": query, "key": keys[c]}
         opt, rng, n = tx.init(p), np.random.default_rng(c), len(trains[c])
+        if c > 0:  # the fit has its own Adam state, as SAPT's
+            fit_opt = tx.init(p)
+            for _ in range(math.ceil(n / batch) * int(fit_epochs)):
+                p, fit_opt = step(p, fit_opt, trains[c][rng.integers(0, n, batch)], fit_kl)
         if c > 0 or current:  # task 0 alone has nothing to learn without the routing term
             for _ in range(math.ceil(n / batch) * int(epochs)):
-                p, opt = step(p, opt, trains[c][rng.integers(0, n, batch)])
+                p, opt = step(p, opt, trains[c][rng.integers(0, n, batch)], kl)
         query, keys = p["query"], keys.at[c].set(p["key"])
         targets[c] = np.asarray(jax.nn.softmax(logits(query, keys, trains[c][-180:], c), -1).mean(0))
         m = int(np.clip(round(fraction * n), 4, capacity))
