@@ -123,7 +123,7 @@ def config(benchmark: str, method: str) -> dict:
     b = BENCHMARKS[benchmark]
     args = METHOD_ARGS.get((method, benchmark), METHOD_ARGS.get((method, None), {}))
     return {"method": method, "method_args": dict(args), "model": MODEL, "dtype": "bfloat16", "attention": None,
-            "remat": False, "data": dict(b["data"]), "train": dict(b["train"]), "eval": dict(b["eval"])}
+            "remat": "auto", "data": dict(b["data"]), "train": dict(b["train"]), "eval": dict(b["eval"])}
 
 
 def _comment(text: str, width: int = 100) -> list[str]:
