@@ -25,3 +25,13 @@ def test_every_method_loads_and_shares_the_budget(scripts, benchmark):
         assert cfg.model.startswith("gguf:") and cfg.dtype == "bfloat16"
     budgets = {repr((c.data, c.train, c.eval)) for c in configs}
     assert len(budgets) == 1, "every method of a benchmark must get the same data, schedule and evaluation"
+
+
+ALL_CONFIGS = sorted(glob.glob(os.path.join(EXPERIMENTS, "**", "*.yaml"), recursive=True))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: os.path.relpath(p, EXPERIMENTS))
+def test_every_experiment_config_loads_and_builds_its_method(path):
+    # An ablation config with a misspelt option fails on the GPU after minutes of set-up; here it fails at once.
+    cfg = jconfig.load(path)
+    build(cfg.method, cfg.method_args)
