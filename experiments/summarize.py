@@ -12,7 +12,9 @@ output; ``RUNS_DIR/runs.json`` for methods that failed) and writes:
   - the routing accuracy matrix of every routing method (``routing_accuracy``),
   - method_report highlights: SAPT's mean attention, OA-Adapter's used fraction, SMAT's sparsity
     per expert, MIST's mask share per task,
-  - one heatmap per accuracy matrix (``jaxcl.train.report.heatmap``) in ``<benchmark>/heatmaps/``.
+  - one heatmap per accuracy matrix (``jaxcl.train.report.heatmap``) in ``<benchmark>/heatmaps/``,
+  - the hand-written ``<benchmark>/CLAIMS.md`` (each paper's claim and its verdict on these runs), if present,
+    after the results table, so the verdicts are rebuilt with the numbers they judge.
 """
 from __future__ import annotations
 
@@ -163,6 +165,20 @@ def write_heatmaps(benchmark_dir: str, entries: list[dict]) -> list[str]:
     return lines or ["(no finished runs)"]
 
 
+def claims_lines(benchmark_dir: str) -> list[str]:
+    """The verdicts written by hand in ``<benchmark>/CLAIMS.md`` (its own heading kept out)."""
+    path = os.path.join(benchmark_dir, "CLAIMS.md")
+    if not os.path.exists(path):
+        return ["(no verdicts yet: CLAIMS.md is written once the runs are in)"]
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    while lines and not lines[0].strip():
+        lines = lines[1:]
+    return lines
+
+
 def build(benchmark_dir: str, runs_dir: str, published_path: str = os.path.join(HERE, "published.json")) -> str:
     """The RESULTS.md text (heatmaps are written as a side effect)."""
     entries = collect(benchmark_dir, runs_dir)
@@ -178,6 +194,7 @@ def build(benchmark_dir: str, runs_dir: str, published_path: str = os.path.join(
              f"(device: {device}; jax {versions.get('jax', '?')}). Scores in %, metrics in points (docs/metrics.md).",
              "", "## Budget (the same for every method)", "", *budget_lines(entries[0]["config"]),
              "", "## Results", "", *method_table(entries),
+             "", "## The papers' claims on these runs", "", *claims_lines(benchmark_dir),
              "", "## Published numbers next to ours", "",
              "The papers' setting differs from ours (model, data, budget; see experiments/published.json).", "",
              *published_table(benchmark, entries, published),
@@ -195,8 +212,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     text = build(args.benchmark_dir, args.runs_dir)
     path = os.path.join(args.benchmark_dir, "RESULTS.md")
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:  # written whole or not at all
         f.write(text)
+    os.replace(path + ".tmp", path)
     print(f"wrote {path}")
     return 0
 

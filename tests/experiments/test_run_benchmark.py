@@ -63,8 +63,12 @@ def test_summary_tables_routing_and_heatmaps(scripts, stream_root, tiny_model, t
     published.write_text(json.dumps({"standard_order1": [
         {"method": "seq_lora", "paper": "P", "setting": "T5", "AP": 44.6, "BWT": None, "source": "Table 1"},
         {"method": "any_ssr", "paper": "Q", "setting": "T5", "AP": None, "BWT": None, "source": "none"}]}))
+    assert "(no verdicts yet" in scripts["summarize"].build(folder, out, str(published))
+    with open(os.path.join(folder, "CLAIMS.md"), "w") as f:
+        f.write("# standard_order1: claims\n\n- **Any-SSR has BWT 0**: holds.\n")
     text = scripts["summarize"].build(folder, out, str(published))
     assert text.startswith("# standard_order1: 2 of 4 methods")
+    assert "## The papers' claims on these runs\n\n- **Any-SSR has BWT 0**: holds." in text
     seq = json.load(open(os.path.join(out, "seq_lora", "results.json")))
     assert f"| seq_lora | {seq['metrics']['AP']:.1f} | {seq['metrics']['BWT']:.1f} |" in text
     assert "| smat | not run |" in text and "| mtl | not run |" in text
