@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from jaxcl.train import config as jconfig
 
-TIMING_FIELDS = ("compile_seconds", "train_seconds", "eval_seconds")  # when the engine reports them
+TIMING_FIELDS = ("compile_seconds", "train_seconds", "eval_seconds", "hook_seconds")  # when the engine reports them
 
 
 class BenchmarkError(ValueError):

@@ -28,7 +28,7 @@ from jaxcl.train.report import heatmap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METRICS = ("AP", "BWT", "FWT", "forgetting")
-TIMING_FIELDS = ("compile_seconds", "train_seconds", "eval_seconds")
+TIMING_FIELDS = ("compile_seconds", "train_seconds", "eval_seconds", "hook_seconds")
 
 
 def _fmt(x, digits: int = 1) -> str:
@@ -72,7 +72,7 @@ def method_table(entries: list[dict]) -> list[str]:
     """AP / BWT / FWT / forgetting and seconds per method."""
     timed = any(k in (x["results"] or {}) for x in entries for k in TIMING_FIELDS)
     head = "| method | AP | BWT | FWT | forgetting | seconds (engine) | wall (driver) |"
-    head += " compile / train / eval s |" if timed else ""
+    head += " compile / train / eval / task hooks s |" if timed else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for x in entries:
         r, rec = x["results"], x["record"] or {}

@@ -16,7 +16,7 @@ import functools
 import os
 import platform
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -246,6 +246,16 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
                           "routing_accuracy": result.routing, "seconds": round(result.seconds, 3)})
         return result
 
+    def task_hook(event: str, phase: int, hook: Callable[[], MethodState]) -> MethodState:
+        """Runs a method's per-task hook and logs its seconds: the work a method does between the
+        tasks' steps (a scoring pass, a routing fit, a router update) is timed apart from training."""
+        t0 = time.time()
+        new_state = jax.block_until_ready(hook())
+        seconds = time.time() - t0
+        prog.hook_seconds += seconds
+        folder.log(prog, {"event": event, "phase": phase, "seconds": round(seconds, 3)})
+        return new_state
+
     def save(items: dict) -> None:
         prog.seconds = time.time() - start_time
         folder.save(prog, items)
@@ -265,7 +275,8 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
                         model=r.model(trained_base), total_steps=prog.total_steps)
         steps = stream.phase_steps(members, method.replay, past)
         if restored_opt is None:
-            state = method.begin_task(jax.random.fold_in(r.key, 2 * phase + 1), state, info)
+            state = task_hook("begin_task", phase,
+                              lambda: method.begin_task(jax.random.fold_in(r.key, 2 * phase + 1), state, info))
         params, fixed = r.placed(state, trained_base)
         opt_state = r.opt_init(params) if restored_opt is None else jsharding.place(restored_opt, r.state_shardings.opt_state)
         ctx = StepContext.start(phase, steps, prog.total_steps, prog.step)
@@ -323,7 +334,7 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         task_ctx = jsharding.place(StepContext.start(phase, steps, prog.total_steps), r.state_shardings.ctx)
         prog.val_loss += [evaluator.validation_loss(tstate.params, fixed, i, task_ctx) for i in members]
         info = dataclasses.replace(info, model=r.model(trained_base), total_steps=prog.total_steps)
-        state = method.end_task(MethodState(tstate.params["method"], fixed), info)
+        state = task_hook("end_task", phase, lambda: method.end_task(MethodState(tstate.params["method"], fixed), info))
         result = evaluate(method, *r.placed(state, trained_base), name)
         prog.rows.append(result.scores)
         prog.routing.append(result.routing)
@@ -345,7 +356,7 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         # row i, column j: % of task j's test prompts routed to task j after training task i
         "routing_accuracy": prog.routing if any(x is not None for x in prog.routing) else None,
         "seconds": round(time.time() - start_time, 1), "train_seconds": round(prog.train_seconds, 1),
-        "eval_seconds": round(prog.eval_seconds, 1),
+        "eval_seconds": round(prog.eval_seconds, 1), "hook_seconds": round(prog.hook_seconds, 1),
         # this invocation's XLA compilations (a resumed run counts only its own), seconds summed over
         # the threads that compile in parallel
         "compile_seconds": round(clock.seconds(), 1), "compilations": clock.count(),
@@ -362,7 +373,7 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
 
 
 # What the log's last line ("event": "end") repeats from results.json.
-_TIMINGS = ("seconds", "train_seconds", "eval_seconds", "compile_seconds", "compilations", "peak_memory_gib",
+_TIMINGS = ("seconds", "train_seconds", "eval_seconds", "hook_seconds", "compile_seconds", "compilations", "peak_memory_gib",
             "data_seconds", "model_seconds", "prepare_seconds")
 
 

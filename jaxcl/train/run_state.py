@@ -43,6 +43,7 @@ class Progress:
     seconds: float = 0.0           # wall time of the run so far (across resumes)
     train_seconds: float = 0.0     # in the train loop (steps, batches, logging)
     eval_seconds: float = 0.0      # in evaluation (generation, scoring)
+    hook_seconds: float = 0.0      # in the method's begin_task / end_task (MIST's scoring, SAPT's routing fit, ...)
 
     @classmethod
     def from_json(cls, values: dict) -> "Progress":

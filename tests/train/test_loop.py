@@ -1,6 +1,7 @@
 """The continual-learning loop end to end on a tiny model: results.json, resume, bad input, CLI."""
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -49,9 +50,26 @@ def test_results_json_schema_and_matrix_shape(stream_root, tmp_path, tiny_model)
     assert len(steps) == 3 * 6 and all(np.isfinite(r["loss"]) for r in steps)
     end = _steps(tmp_path)[-1]
     assert end["event"] == "end" and end["peak_memory_gib"] is None  # the CPU keeps no statistics
-    assert {k: end[k] for k in ("seconds", "train_seconds", "eval_seconds", "compile_seconds")} == \
-        {k: on_disk[k] for k in ("seconds", "train_seconds", "eval_seconds", "compile_seconds")}
-    assert on_disk["train_seconds"] + on_disk["eval_seconds"] <= on_disk["seconds"]
+    timings = ("seconds", "train_seconds", "eval_seconds", "hook_seconds", "compile_seconds")
+    assert {k: end[k] for k in timings} == {k: on_disk[k] for k in timings}
+    assert on_disk["train_seconds"] + on_disk["eval_seconds"] + on_disk["hook_seconds"] <= on_disk["seconds"]
+
+
+def test_the_methods_work_between_tasks_is_timed_apart(stream_root, tmp_path, tiny_model, monkeypatch):
+    from jaxcl.methods.seq_lora import SeqLoRA
+
+    begin = SeqLoRA.begin_task
+
+    def slow_begin(self, key, state, task):  # a stand-in for a scoring pass or a routing fit
+        time.sleep(0.25)
+        return begin(self, key, state, task)
+
+    monkeypatch.setattr(SeqLoRA, "begin_task", slow_begin)
+    results = _run(stream_root, tmp_path, tiny_model, method="seq_lora")
+    hooks = [r for r in _steps(tmp_path) if r["event"] in ("begin_task", "end_task")]
+    assert [(r["event"], r["phase"]) for r in hooks] == [(e, p) for p in range(3) for e in ("begin_task", "end_task")]
+    assert all(r["seconds"] >= 0.25 for r in hooks if r["event"] == "begin_task")
+    assert abs(results["hook_seconds"] - sum(r["seconds"] for r in hooks)) < 0.06 and results["hook_seconds"] >= 0.75
 
 
 def test_peak_memory_is_the_highest_device_peak_in_gib():
