@@ -225,7 +225,8 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
     folder.open([t.name for t in tasks])
     folder.write_config(cfg.to_dict())
 
-    state, trained_base, restored_opt = initial, r.trained_base, None
+    # placed as every later task's state is, so a begin_task program compiles once, not again for task 1
+    state, trained_base, restored_opt = r.place_state(initial), r.trained_base, None
     prog = Progress()
     latest = folder.resume() if resume else None
     if latest is not None:
