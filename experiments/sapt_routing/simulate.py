@@ -11,6 +11,10 @@ and experiments/sapt/RESULTS.md. Options: ``kl_ratio``, ``current_ratio``, ``epo
 
     PYTHONPATH=$PWD python experiments/sapt_routing/simulate.py features std --root ../shared/benchmarks/CL_Benchmark
     PYTHONPATH=$PWD python experiments/sapt_routing/simulate.py train std '{"current_ratio": 1, "epochs": 3}'
+    PYTHONPATH=$PWD python experiments/sapt_routing/simulate.py probe long4
+
+``probe``: a softmax classifier over all tasks at once (no continual learning) on the same pooled
+features: the routing any linear router on them could reach, an upper bound for SAPT's.
 """
 import argparse
 import json
@@ -25,7 +29,9 @@ from jaxcl.kernels import attention_select
 
 STREAMS = {"std": ("cl_benchmark", ["dbpedia", "amazon", "agnews"], 1800, 64, 1.0, 2.0),  # train, batch, epochs, kl
            "std_no_task_lines": ("cl_benchmark", ["dbpedia", "amazon", "agnews"], 1800, 64, 1.0, 2.0),
-           "wordnet": ("bundled", "wordnet", 540, 16, 2.0, 1.0)}
+           "wordnet": ("bundled", "wordnet", 540, 16, 2.0, 1.0),
+           "long4": ("cl_benchmark", ["MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "IMDB", "yelp", "amazon",
+                                      "SST-2", "dbpedia", "agnews", "MultiRC"], 450, 32, 1.0, 2.0)}
 NO_TASK_LINES = {"std_no_task_lines"}  # prompts without their "Task:" / "Dataset:" lines
 
 
@@ -98,9 +104,35 @@ def train(stream: str, path: str, options: dict) -> dict:
             "targets": targets.round(2).tolist()}
 
 
+def probe(stream: str, path: str, options: dict) -> dict:
+    """Per-task test routing of a jointly trained softmax classifier on the pooled features."""
+    z = np.load(path)
+    arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
+    trains, tests = arrays[0::2], arrays[1::2]
+    x = np.concatenate(trains)
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    y = np.concatenate([np.full(len(t), i) for i, t in enumerate(trains)])
+    w = {"w": jnp.zeros((x.shape[1], len(trains))), "b": jnp.zeros(len(trains))}
+    tx = optax.adam(options.get("lr", 1e-2))
+    xs, ys = jnp.asarray((x - mean) / scale), jax.nn.one_hot(y, len(trains))
+
+    @jax.jit
+    def step(w, opt):
+        grads = jax.grad(lambda w: optax.softmax_cross_entropy(xs @ w["w"] + w["b"], ys).mean())(w)
+        updates, opt = tx.update(grads, opt, w)
+        return optax.apply_updates(w, updates), opt
+
+    opt = tx.init(w)
+    for _ in range(options.get("steps", 2000)):
+        w, opt = step(w, opt)
+    routing = [float(np.mean(np.argmax(((t - mean) / scale) @ np.asarray(w["w"]) + np.asarray(w["b"]), -1) == j) * 100)
+               for j, t in enumerate(tests)]
+    return {"stream": stream, "options": options, "probe_routing": [round(r, 1) for r in routing]}
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("features", "train"))
+    p.add_argument("what", choices=("features", "train", "probe"))
     p.add_argument("stream", choices=sorted(STREAMS))
     p.add_argument("options", nargs="?", default="{}")
     p.add_argument("--root")
@@ -110,4 +142,4 @@ if __name__ == "__main__":
     if a.what == "features":
         features(a.stream, a.root, path)
     else:
-        print(json.dumps(train(a.stream, path, json.loads(a.options))))
+        print(json.dumps((train if a.what == "train" else probe)(a.stream, path, json.loads(a.options))))
