@@ -10,6 +10,8 @@ recorded with its error and the next one runs. A method whose ``OUT/<name>/resul
 is not run again and one that was interrupted continues from its last checkpoint, so the same
 command finishes a benchmark over several calls. ``OUT/runs.json`` lists every method's status,
 wall seconds, AP / BWT and error; ``experiments/summarize.py`` turns the folder into RESULTS.md.
+Several drivers may share one ``--out`` (e.g. two chains of methods on one card, each with its own
+``--methods``): each merges its records into ``runs.json`` under a lock.
 
 ``--model`` and ``--root`` replace every config's ``model`` and ``data.root`` (the configs name the
 GPU machine's paths). ``--jax-cache`` turns on JAX's persistent compilation cache: programs that
@@ -20,6 +22,7 @@ imported instead of this checkout's.)
 from __future__ import annotations
 
 import argparse
+import fcntl
 import dataclasses
 import json
 import os
@@ -94,10 +97,28 @@ def _write_json(path: str, value) -> None:
     os.replace(path + ".tmp", path)
 
 
+def record_run(out: str, record: dict) -> list[dict]:
+    """Puts ``record`` into ``OUT/runs.json`` under a lock and returns the file's records: several
+    drivers (chains of methods sharing one card) can write to one folder. A method's record replaces
+    its earlier one, except that "done" (skipped, results found) keeps the record of the run itself."""
+    path = os.path.join(out, "runs.json")
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                records = json.load(f)
+        earlier = next((r for r in records if r["name"] == record["name"]), None)
+        if not (record["status"] == "done" and earlier is not None and earlier["status"] != "failed"):
+            records = [r for r in records if r["name"] != record["name"]] + [record]
+        _write_json(path, records)
+    return records
+
+
 def run_folder(folder: str, out: str, *, methods: Optional[list[str]] = None, model: Optional[str] = None,
                root: Optional[str] = None, model_and_tokenizer=None, loader: Optional[Callable] = None,
                echo: Callable[[str], None] = print) -> list[dict]:
-    """Runs the folder's configs in order; returns (and writes to ``OUT/runs.json``) one record each.
+    """Runs the folder's configs in order; returns one record each (also merged into ``OUT/runs.json``).
 
     Args:
       folder: the benchmark folder of ``*.yaml`` configs.
@@ -139,7 +160,7 @@ def run_folder(folder: str, out: str, *, methods: Optional[list[str]] = None, mo
                        "traceback": traceback.format_exc()[-4000:]}
         record["wall_s"] = round(time.time() - start, 1)
         records.append(record)
-        _write_json(os.path.join(out, "runs.json"), records)
+        record_run(out, record)
         echo(progress_line(index, len(paths), record))
         sys.stdout.flush()
     return records

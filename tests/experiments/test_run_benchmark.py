@@ -49,6 +49,19 @@ def test_driver_runs_every_config_records_failures_and_resumes(scripts, stream_r
     assert driver.main(argv + ["--methods", "seq_lora"]) == 0
     assert "(already done)" in capsys.readouterr().out
     assert loads == [("tiny-model", "float32")]
+    # ... and leaves every record of runs.json as the runs made it
+    assert {r["name"]: r for r in json.load(open(os.path.join(out, "runs.json")))} == runs
+
+
+def test_drivers_sharing_an_output_folder_keep_each_others_records(scripts, tmp_path):
+    record_run, out = scripts["run_benchmark"].record_run, str(tmp_path)
+    record_run(out, {"name": "a", "status": "ok", "AP": 50.0, "wall_s": 12.0})
+    record_run(out, {"name": "b", "status": "failed", "error": "OOM", "wall_s": 3.0})
+    record_run(out, {"name": "a", "status": "done", "AP": 50.0, "wall_s": 0.0})  # a later call skips a
+    record_run(out, {"name": "b", "status": "ok", "AP": 40.0, "wall_s": 9.0})     # and reruns b
+    with open(os.path.join(out, "runs.json")) as f:
+        assert json.load(f) == [{"name": "a", "status": "ok", "AP": 50.0, "wall_s": 12.0},
+                                {"name": "b", "status": "ok", "AP": 40.0, "wall_s": 9.0}]
 
 
 def test_summary_tables_routing_and_heatmaps(scripts, stream_root, tiny_model, tmp_path):
