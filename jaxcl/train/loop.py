@@ -200,6 +200,7 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
     jsharding.initialize_distributed()  # a multi-host run when the environment names a coordinator
     compilation.enable_cache(cfg.compile_cache)
     clock = compilation.Clock()
+    peak_at_start = peak_memory_gib()  # the peak is the process's: a driver may run several runs in one
     method = jmethods.build(cfg.method, cfg.method_args)
     folder = RunFolder(out_dir, resume, tensorboard=cfg.tensorboard)
     saved = folder.saved_config() if resume else None
@@ -362,6 +363,9 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
         # the threads that compile in parallel
         "compile_seconds": round(clock.seconds(), 1), "compilations": clock.count(),
         "peak_memory_gib": peak_memory_gib(),
+        # the process's peak before this run: where it equals peak_memory_gib, an earlier run of the
+        # same process (experiments/run_benchmark.py) set the peak and this run's own is not known
+        "peak_memory_gib_at_start": peak_at_start,
         # this invocation's set-up before the clock of ``seconds``: tasks read, model loaded, stream
         # tokenized and weights placed (``prepare``)
         **setup,

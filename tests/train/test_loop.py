@@ -55,6 +55,15 @@ def test_results_json_schema_and_matrix_shape(stream_root, tmp_path, tiny_model)
     assert on_disk["train_seconds"] + on_disk["eval_seconds"] + on_disk["hook_seconds"] <= on_disk["seconds"]
 
 
+def test_a_run_reports_the_process_peak_before_it_started(stream_root, tmp_path, tiny_model, monkeypatch):
+    from jaxcl.train import loop
+
+    peaks = iter([3.5, 4.25])  # a device's peak: before the run, then at its end
+    monkeypatch.setattr(loop, "peak_memory_gib", lambda devices=None: next(peaks))
+    results = _run(stream_root, tmp_path, tiny_model)
+    assert (results["peak_memory_gib_at_start"], results["peak_memory_gib"]) == (3.5, 4.25)
+
+
 def test_the_methods_work_between_tasks_is_timed_apart(stream_root, tmp_path, tiny_model, monkeypatch):
     from jaxcl.methods.seq_lora import SeqLoRA
 
