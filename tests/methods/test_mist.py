@@ -89,15 +89,18 @@ def test_sensitivity_is_the_sum_of_per_example_squared_gradients(llama, stream, 
     past = {site: {"past_index": state.fixed.past_index[site], "past_values": state.fixed.past_values[site]}
             for site in dense}
     key, head_key = jax.random.PRNGKey(3), jax.random.PRNGKey(4)
-    got = mist_module.per_example_squared_grads(weights, dense, past, batches[0], key, head_key, graphdef=graphdef,
-                                                temperature=method.temperature, token_drop=method.token_drop,
-                                                head_dim=method.head_dim, chunk=method.per_example_chunk)
     expected, batch_grad = _reference_squared_grads(llama, method, batches[0], key, head_key, dense)
-    for site in dense:
+    # the chunk only trades memory for sequential steps: every chunk gives the same scores
+    for chunk in sorted({1, method.per_example_chunk, method.batch_size}):
+        got = mist_module.per_example_squared_grads(weights, dense, past, batches[0], key, head_key, graphdef=graphdef,
+                                                    temperature=method.temperature, token_drop=method.token_drop,
+                                                    head_dim=method.head_dim, chunk=chunk)
+        for site in dense:
+            e = np.asarray(expected[site])
+            assert e.max() > 0, site
+            np.testing.assert_allclose(np.asarray(got[site]), e, rtol=2e-3, atol=1e-6 * e.max(), err_msg=f"{chunk}")
+    for site in dense:  # the square of the batch's gradient is a different quantity: the test can tell them apart
         e = np.asarray(expected[site])
-        assert e.max() > 0, site
-        np.testing.assert_allclose(np.asarray(got[site]), e, rtol=2e-3, atol=1e-6 * e.max())
-        # the square of the batch's gradient is a different quantity: the test can tell them apart
         assert not np.allclose(np.asarray(batch_grad[site]) ** 2, e, rtol=0.1, atol=1e-3 * e.max()), site
 
 
