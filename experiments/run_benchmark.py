@@ -32,8 +32,7 @@ import traceback
 from typing import Callable, Optional
 
 from jaxcl.train import config as jconfig
-
-TIMING_FIELDS = ("compile_seconds", "train_seconds", "eval_seconds", "hook_seconds")  # when the engine reports them
+from jaxcl.train.report import PHASE_SECONDS
 
 
 class BenchmarkError(ValueError):
@@ -78,7 +77,7 @@ def load_config(path: str, model: Optional[str] = None, root: Optional[str] = No
 def _metrics_record(results: dict) -> dict:
     metrics = results.get("metrics", {})
     return {"AP": metrics.get("AP"), "BWT": metrics.get("BWT"), "seconds": results.get("seconds")} | {
-        k: results[k] for k in TIMING_FIELDS if k in results}
+        k: results[k] for k in PHASE_SECONDS if k in results}
 
 
 def progress_line(index: int, total: int, record: dict) -> str:

@@ -24,11 +24,10 @@ import os
 import sys
 
 from jaxcl.train import config as jconfig
-from jaxcl.train.report import heatmap
+from jaxcl.train.report import PHASE_SECONDS, heatmap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METRICS = ("AP", "BWT", "FWT", "forgetting")
-TIMING_FIELDS = ("compile_seconds", "train_seconds", "eval_seconds", "hook_seconds")
 
 
 def _fmt(x, digits: int = 1) -> str:
@@ -70,7 +69,7 @@ def budget_lines(cfg: jconfig.RunConfig) -> list[str]:
 
 def method_table(entries: list[dict]) -> list[str]:
     """AP / BWT / FWT / forgetting and seconds per method."""
-    timed = any(k in (x["results"] or {}) for x in entries for k in TIMING_FIELDS)
+    timed = any(k in (x["results"] or {}) for x in entries for k in PHASE_SECONDS)
     head = "| method | AP | BWT | FWT | forgetting | seconds (engine) | wall (driver) |"
     head += " compile / train / eval / task hooks s |" if timed else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -84,7 +83,7 @@ def method_table(entries: list[dict]) -> list[str]:
         row = f"| {r['method']} | " + " | ".join(_fmt(m.get(k)) for k in METRICS)
         row += f" | {_fmt(r.get('seconds'))} | {_fmt(rec.get('wall_s'))} |"
         if timed:
-            row += " " + " / ".join(_fmt(r.get(k)) for k in TIMING_FIELDS) + " |"
+            row += " " + " / ".join(_fmt(r.get(k)) for k in PHASE_SECONDS) + " |"
         lines.append(row)
     return lines
 

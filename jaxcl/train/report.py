@@ -10,6 +10,8 @@ class ReportError(ValueError):
 
 
 REQUIRED = ("method", "model", "tasks", "matrix", "metrics")
+# Where a run's seconds went, as results.json names them (jaxcl/train/loop.py writes them).
+PHASE_SECONDS = ("compile_seconds", "train_seconds", "eval_seconds", "hook_seconds")
 
 
 def load_results(directory: str) -> dict:
