@@ -31,7 +31,8 @@ STREAMS = {"std": ("cl_benchmark", ["dbpedia", "amazon", "agnews"], 1800, 64, 1.
            "std_no_task_lines": ("cl_benchmark", ["dbpedia", "amazon", "agnews"], 1800, 64, 1.0, 2.0),
            "wordnet": ("bundled", "wordnet", 540, 16, 2.0, 1.0),
            "long4": ("cl_benchmark", ["MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "IMDB", "yelp", "amazon",
-                                      "SST-2", "dbpedia", "agnews", "MultiRC"], 450, 32, 1.0, 2.0)}
+                                      "SST-2", "dbpedia", "agnews", "MultiRC"], 450, 32, 1.0, 2.0),
+           "sni": ("superni", "superni_order1", 180, 32, 2.0, 1.0)}
 NO_TASK_LINES = {"std_no_task_lines"}  # prompts without their "Task:" / "Dataset:" lines
 
 
