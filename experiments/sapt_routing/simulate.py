@@ -7,7 +7,8 @@ routing KL (the cross-entropy's pull is left out: it is ~0 while the current LoR
 This isolates why routing fails or works for a given budget. Used for experiments/sapt_routing/README.md
 and experiments/sapt/RESULTS.md. Options: ``kl_ratio``, ``current_ratio``, ``epochs``, ``batch``,
 ``lr``, ``seed``, ``n_train``, ``pseudo_fraction``, ``pseudo_capacity``, and ``fit_epochs`` /
-``fit_kl`` (SAPT's ``route_epochs`` / ``route_kl_ratio``: passes before each task's epochs).
+``fit_kl`` / ``fit_batch`` (SAPT's ``route_epochs`` / ``route_kl_ratio`` / ``route_batch``: passes before
+each task's epochs; ``fit_batch`` defaults to ``batch``).
 
     PYTHONPATH=$PWD python experiments/sapt_routing/simulate.py features std --root ../shared/benchmarks/CL_Benchmark
     PYTHONPATH=$PWD python experiments/sapt_routing/simulate.py train std '{"current_ratio": 1, "epochs": 3}'
@@ -70,6 +71,7 @@ def train(stream: str, path: str, options: dict) -> dict:
     targets, pseudo, tx = np.zeros((num_tasks, num_tasks), np.float32), [], optax.adam(lr)
     # SAPT's routing fit (``route_epochs``): fit_epochs passes with ARM at fit_kl before the task's epochs
     fit_epochs, fit_kl = options.get("fit_epochs", 0), options.get("fit_kl", 1.0)
+    fit_batch = options.get("fit_batch", batch)
     for c in range(num_tasks):
         def loss(p, rows, w, c=c):
             ks = keys.at[c].set(p["key"])
@@ -90,8 +92,8 @@ def train(stream: str, path: str, options: dict) -> dict:
         opt, rng, n = tx.init(p), np.random.default_rng(c), len(trains[c])
         if c > 0:  # the fit has its own Adam state, as SAPT's
             fit_opt = tx.init(p)
-            for _ in range(math.ceil(n / batch) * int(fit_epochs)):
-                p, fit_opt = step(p, fit_opt, trains[c][rng.integers(0, n, batch)], fit_kl)
+            for _ in range(math.ceil(n / fit_batch) * int(fit_epochs)):
+                p, fit_opt = step(p, fit_opt, trains[c][rng.integers(0, n, fit_batch)], fit_kl)
         if c > 0 or current:  # task 0 alone has nothing to learn without the routing term
             for _ in range(math.ceil(n / batch) * int(epochs)):
                 p, opt = step(p, opt, trains[c][rng.integers(0, n, batch)], kl)
