@@ -296,6 +296,17 @@ def test_earlier_choices_marks_exactly_the_entries_an_earlier_task_chose(seed, l
     np.testing.assert_array_equal(found, expected)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(1, 60), st.integers(1, 6))
+def test_top_entries_are_each_layers_highest_scores_lower_position_first_among_ties(seed, layers, size, levels):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, levels, (layers, size, 2)).astype(np.float32)  # few levels: many ties
+    count = int(rng.integers(1, 2 * size + 1))
+    flat = scores.reshape(layers, -1)
+    expected = np.sort(np.argsort(-flat, axis=1, kind="stable")[:, :count], axis=1)
+    np.testing.assert_array_equal(np.asarray(mist_module.top_entries(jnp.asarray(scores), count)), expected)
+
+
 def test_earlier_choices_memory_grows_linearly_with_the_mask():
     """SmolLM2's 5 % masks hold ~44k entries a layer: an all-pairs compare would need n^2 bytes per
     layer and task (XLA:CPU materialised 113 GiB on the real model)."""
