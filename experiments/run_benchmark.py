@@ -22,8 +22,8 @@ imported instead of this checkout's.)
 from __future__ import annotations
 
 import argparse
-import fcntl
 import dataclasses
+import fcntl
 import json
 import os
 import sys

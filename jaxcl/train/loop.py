@@ -35,6 +35,7 @@ from jaxcl.train import compilation, optim, sharding as jsharding, step as jstep
 from jaxcl.train.config import RunConfig, check_resume, model_remat
 from jaxcl.train.evaluate import Evaluator
 from jaxcl.train.pipeline import Stream
+from jaxcl.train.report import PHASE_SECONDS
 from jaxcl.train.run_state import Progress, RunError, RunFolder
 
 __all__ = ["Interrupted", "RunError", "run"]
@@ -378,8 +379,8 @@ def run(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = 
 
 
 # What the log's last line ("event": "end") repeats from results.json.
-_TIMINGS = ("seconds", "train_seconds", "eval_seconds", "hook_seconds", "compile_seconds", "compilations", "peak_memory_gib",
-            "data_seconds", "model_seconds", "prepare_seconds")
+_TIMINGS = ("seconds", *PHASE_SECONDS, "compilations", "peak_memory_gib", "data_seconds", "model_seconds",
+            "prepare_seconds")
 
 
 def _progress(enabled: bool, total: int, initial: int, name: str):
