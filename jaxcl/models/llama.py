@@ -388,6 +388,11 @@ class Llama(nnx.Module):
         layers = weight_table(self.config)["layers"]
         return {site: layers[w].shape for w, site in _SITE_OF.items()}
 
+    def site_weights(self) -> dict[str, Array]:
+        """``{site name: (num_layers, d_in, d_out)}`` the stacked base weight of every site."""
+        stacked = self.layers.stacked()
+        return {site: stacked[w] for w, site in _SITE_OF.items()}
+
     def site_axes(self) -> dict[str, tuple[str, str]]:
         """``{site name: (logical axis of its input, of its output)}``, e.g. ``attn.q: ("embed",
         "q_heads")``, ``mlp.down: ("mlp", "embed")`` (vocabulary: ``common.Weight``)."""
@@ -499,12 +504,14 @@ class Llama(nnx.Module):
           input_ids, attention_mask: ``(B, P)`` left-padded prompt and its mask.
           max_new_tokens: number of tokens to generate.
           eos_token_id: one id or several; generation of an example stops at the first of them.
-          adapter: applied to the prompt and to every generated token.
+          adapter: applied to the prompt and to every generated token (a weight rewrite that is the
+            same for every example is formed once, before decoding: ``sites.form_weights``).
 
         Returns:
           ``(B, max_new_tokens)`` int32; positions after an example's first eos hold ``eos_token_id``
           (the first one if several).
         """
+        adapter = sites.form_weights(adapter, self.site_weights())
         eos = jnp.asarray(np.atleast_1d(np.asarray(eos_token_id, np.int32)))
         batch, prompt_len = input_ids.shape
         mask = attention_mask.astype(bool)

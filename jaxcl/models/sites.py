@@ -161,6 +161,69 @@ def linears(adapter: Optional[Adapter], names: Sequence[str], site_params: Mappi
             for name, y in zip(names, outputs)]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Formed:
+    """A hook whose weight rewrite was formed ahead (``form_weights``): a site's state is ``(the
+    formed weight of this layer, the original state)``."""
+
+    hook: SiteHook
+
+    def weight(self, name, p, w, ctx):
+        del name, w, ctx
+        return p[0]
+
+    def delta(self, name, p, x, ctx):
+        return self.hook.delta_fn(name, p[1], x, ctx)
+
+
+def form_weights(adapter: Optional[Adapter], weights: Mapping[str, Array]) -> Optional[Adapter]:
+    """``adapter`` with its ``weight_fn`` evaluated once, for a loop that runs the sites many times.
+
+    A decoding loop runs every site once per new token, and XLA does not hoist a weight rewrite out
+    of the loop when its result is larger than its inputs (MIST's rewrite scatters every earlier
+    task's sparse delta into a full float32 copy of the weight). Formed here, before the loop, it
+    costs once per generation instead of once per token; the loop then reads the formed weights,
+    one more copy of the adapted sites' weights in the model dtype. A rewrite that differs per
+    example (SMAT's interpolated experts, ``(B, d_in, d_out)``) is left to the loop: formed for every
+    layer at once it would hold ``B`` copies of the weights.
+
+    Args:
+      adapter: the adapter of a forward pass, or ``None``.
+      weights: ``{site: (num_layers, d_in, d_out)}`` the model's stacked weights (``site_weights()``),
+        at least those of the sites ``adapter`` adapts.
+
+    Returns:
+      An adapter giving ``linear`` the same values at every site: its ``weight_fn`` returns the formed
+      weight and its ``delta_fn`` is the original one; ``adapter`` itself where there is no
+      ``weight_fn`` or the rewrite has a batch axis.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> hook = SiteHook(weight_fn=lambda name, p, w, ctx: w + p["d"])
+      >>> w = jnp.ones((2, 3, 4))
+      >>> formed = form_weights(Adapter(hook, {"mlp.up": {"d": jnp.full((2, 3, 4), 0.5)}}), {"mlp.up": w})
+      >>> formed.params["mlp.up"][0].shape, float(formed.params["mlp.up"][0][1, 0, 0])
+      ((2, 3, 4), 1.5)
+    """
+    if adapter is None or adapter.hook.weight_fn is None:
+        return adapter
+    hook, formed = adapter.hook, {}
+    for name, p in adapter.params.items():
+        if p is None:  # a plain linear (``linear``)
+            formed[name] = None
+            continue
+        w = weights[name]
+        # one layer at a time: the rewrite's float32 temporaries stay one layer's size
+        layer_weight = lambda pw, name=name, dtype=w.dtype: hook.weight_fn(name, pw[0], pw[1], adapter.ctx).astype(dtype)
+        new = jax.lax.map(layer_weight, (p, w))
+        if new.shape != w.shape:  # per example: left to the loop (nothing traced here is used)
+            return adapter
+        formed[name] = (new, p)
+    wrapped = _Formed(hook)
+    return Adapter(SiteHook(delta_fn=None if hook.delta_fn is None else wrapped.delta, weight_fn=wrapped.weight),
+                   formed, adapter.ctx)
+
+
 class Observer(NamedTuple):
     """A request to evaluate ``fn(site, x, token_mask)`` on the input ``x`` ``(B, S, d_in)`` of each of
     ``sites`` (see the models' ``observe``); ``token_mask`` ``(B, S)`` (1 = token, 0 = padding) is in

@@ -484,6 +484,11 @@ class T5(nnx.Module):
         """``{site name: (num_layers, d_in, d_out)}`` for every adaptable linear."""
         return {site: w.shape for site, w in self._site_weights().items()}
 
+    def site_weights(self) -> dict[str, Array]:
+        """``{site name: (num_layers, d_in, d_out)}`` the stacked base weight of every site."""
+        arrays = {"encoder": self.encoder.layers.arrays(), "decoder": self.decoder.layers.arrays()}
+        return {site: arrays[site.split(".", 1)[0]][site.split(".", 1)[1]] for site in self._site_weights()}
+
     def site_axes(self) -> dict[str, tuple[str, str]]:
         """``{site name: (logical axis of its input, of its output)}``, e.g.
         ``decoder.cross_attn.k: ("embed", "kv_heads")``, ``encoder.mlp.wo: ("mlp", "embed")``."""
@@ -590,11 +595,13 @@ class T5(nnx.Module):
           attention_mask: ``(B, S)`` 1/0 (None: no padding).
           max_new_tokens: number of tokens to produce (static).
           eos_token_id: an id or ids that end an example.
-          adapter: applied to the encoder and to every decoding step.
+          adapter: applied to the encoder and to every decoding step (a weight rewrite that is the
+            same for every example is formed once, before decoding: ``sites.form_weights``).
 
         Returns:
           ``(B, max_new_tokens)`` int32 generated ids (without the start token).
         """
+        adapter = sites.form_weights(adapter, self.site_weights())
         config = self.config
         batch = input_ids.shape[0]
         encoder_out = self.encode(input_ids, attention_mask, adapter=adapter)

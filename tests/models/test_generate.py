@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 from transformers import T5Config, T5ForConditionalGeneration
 
-from jaxcl.models import Adapter, Llama, SiteHook, generate, load_model
+from jaxcl.models import Adapter, Llama, SiteHook, generate, load_model, sites
 from jaxcl.data.batching import pad_rows
 
 NEVER = 64  # an id outside the tiny vocabulary: argmax never produces it
@@ -205,3 +205,87 @@ def test_generate_rejects_bad_arguments(tiny):
     with pytest.raises(ValueError, match=r"\[1\]"):
         generate(model, tokenizer, ["w5", ""], max_new_tokens=2)
     assert generate(model, tokenizer, [], max_new_tokens=2) == []
+
+
+def _sparse_delta_hook() -> SiteHook:
+    """A weight rewrite like MIST's: sparse float32 deltas scattered into the weight, the same for
+    every example."""
+    def weight_fn(name, p, w, ctx):
+        flat = jnp.zeros((w.size,), jnp.float32).at[p["index"]].add(p["values"])
+        return (w.astype(jnp.float32) + flat.reshape(w.shape)).astype(w.dtype)
+    return SiteHook(weight_fn=weight_fn)
+
+
+def _sparse_deltas(shape, count=40, seed=1) -> dict:
+    layers, d_in, d_out = shape
+    rng = np.random.default_rng(seed)
+    index = np.stack([rng.choice(d_in * d_out, count, replace=False) for _ in range(layers)])
+    return {"index": jnp.asarray(index, jnp.int32), "values": jnp.asarray(rng.normal(size=(layers, count)) * 3, jnp.float32)}
+
+
+def _rewritten(hook, name, p, weights):
+    """The stacked weights ``weights`` with ``hook``'s rewrite applied layer by layer."""
+    return jax.vmap(lambda q, w: hook.weight_fn(name, q, w, None))(p, weights)
+
+
+def _primitive_names(jaxpr) -> set:
+    """Every primitive in ``jaxpr`` and the jaxprs nested in its equations (loop bodies, scans)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            names |= _primitive_names(sub)
+    return names
+
+
+def test_a_shared_weight_rewrite_is_formed_once_before_decoding(tiny):
+    model, _ = tiny
+    ids, mask = (jnp.asarray(a) for a in _left_padded_prompts())
+    hook = _sparse_delta_hook()
+    deltas = {site: _sparse_deltas(model.site_shapes()[site]) for site in ("attn.q", "mlp.up")}
+
+    def adapted(ids, mask):
+        return model.generate_ids(ids, mask, max_new_tokens=8, eos_token_id=NEVER, adapter=Adapter(hook, deltas))
+
+    merged = nnx.clone(model)
+    merged.layers.q[...] = _rewritten(hook, "attn.q", deltas["attn.q"], model.layers.q[...])
+    merged.layers.up[...] = _rewritten(hook, "mlp.up", deltas["mlp.up"], model.layers.up[...])
+    got = np.asarray(jax.jit(adapted)(ids, mask))
+    np.testing.assert_array_equal(got, _cached(merged, ids, mask, 8, NEVER))
+    assert not np.array_equal(got, _cached(model, ids, mask, 8, NEVER))  # the rewrite changes the output
+
+    jaxpr = jax.make_jaxpr(adapted)(ids, mask).jaxpr
+    loops = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "while"]
+    assert len(loops) == 1 and "scatter-add" in _primitive_names(jaxpr)  # formed before the loop ...
+    assert "scatter-add" not in _primitive_names(loops[0].params["body_jaxpr"].jaxpr)  # ... not per token
+
+
+def test_a_per_example_weight_rewrite_is_left_to_the_loop(tiny):
+    model, _ = tiny
+    hook = SiteHook(weight_fn=lambda name, p, w, ctx: w + ctx[:, None, None] * p["d"])
+    layers, d_in, d_out = model.site_shapes()["mlp.up"]
+    adapter = Adapter(hook, {"mlp.up": {"d": jnp.ones((layers, d_in, d_out))}}, jnp.array([0.0, 1.0]))
+    assert sites.form_weights(adapter, model.site_weights()) is adapter
+    lora_only = Adapter(SiteHook(delta_fn=lambda name, p, x, ctx: x), {"mlp.up": {}})
+    assert sites.form_weights(lora_only, model.site_weights()) is lora_only
+    assert sites.form_weights(None, model.site_weights()) is None
+
+
+def test_t5_forms_a_shared_weight_rewrite_with_the_same_output():
+    from jaxcl.models import t5
+    config = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                         initializer_factor=3.0)
+    model = t5.T5(config, rngs=nnx.Rngs(0))
+    hook = _sparse_delta_hook()
+    names = ("encoder.self_attn.v", "decoder.cross_attn.q", "decoder.mlp.wo")
+    deltas = {site: _sparse_deltas(model.site_shapes()[site], seed=i) for i, site in enumerate(names)}
+    merged = nnx.clone(model)
+    for site in names:
+        stack, name = site.split(".", 1)
+        param = getattr(getattr(merged, stack).layers, name.replace(".", "_"))
+        param[...] = _rewritten(hook, site, deltas[site], param[...])
+    ids = jnp.asarray(np.random.default_rng(0).integers(2, 64, (3, 6)), jnp.int32)
+    got = model.generate_ids(ids, None, max_new_tokens=6, eos_token_id=NEVER, adapter=Adapter(hook, deltas))
+    want = merged.generate_ids(ids, None, max_new_tokens=6, eos_token_id=NEVER)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(want, model.generate_ids(ids, None, max_new_tokens=6, eos_token_id=NEVER))

@@ -71,6 +71,21 @@ def test_site_axes_match_site_shapes(model):
         assert axes["encoder.self_attn.o"] == ("q_heads", "embed")
 
 
+def test_site_weights_are_the_stored_weights(model):
+    weights, shapes = model.site_weights(), model.site_shapes()
+    assert {site: w.shape for site, w in weights.items()} == shapes
+    if isinstance(model, Llama):
+        stored = {"attn.q": model.layers.q, "mlp.down": model.layers.down}
+    else:
+        stored = {"encoder.self_attn.v": model.encoder.layers.self_attn_v, "decoder.cross_attn.q": model.decoder.layers.cross_attn_q}
+    for site, param in stored.items():
+        np.testing.assert_array_equal(weights[site], param[...])
+    for a in weights:  # no site reads another's weight (random init: every weight differs)
+        for b in weights:
+            if a < b and weights[a].shape == weights[b].shape:
+                assert not np.array_equal(weights[a], weights[b]), (a, b)
+
+
 def test_embed_inputs(model):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 5)))
     emb = np.asarray(model.embed_inputs(ids))
