@@ -145,6 +145,23 @@ def _prompt_and_answers(batch: dict, encoder_decoder: bool) -> tuple[jax.Array, 
     return prompt, jnp.where(jnp.arange(length)[None] < count, tokens, -1)
 
 
+def _contrastive_views(weights, past: dict, batch: dict, key: jax.Array, head_key: jax.Array, *, graphdef,
+                       token_drop: float, head_dim: int):
+    """What both scorings share: ``(ids (B, S), views (2, B, S) bool, labels (2B,), embed)``, where
+    ``embed(delta, ids, masks)`` is the projected, pooled embedding of the backbone as tuned (the
+    earlier tasks' updates in ``past``) plus a dense delta."""
+    model = nnx.merge(graphdef, weights)
+    prompt, answers = _prompt_and_answers(batch, model.is_encoder_decoder)
+    labels = answer_labels(answers)
+    views = jnp.stack([_token_drop(jax.random.fold_in(key, v), prompt, token_drop) for v in range(2)])
+
+    def embed(delta, ids, masks):
+        params = {site: dict(past[site], dense=delta[site]) for site in delta}
+        return _projection_head(head_key, pooled_features(model, ids, masks, Adapter(_HOOK, params)), head_dim)
+
+    return batch["input_ids"], views, jnp.concatenate([labels, labels]), embed
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "token_drop", "head_dim", "chunk"))
 def per_example_squared_grads(weights, dense: dict, past: dict, batch: dict, key: jax.Array, head_key: jax.Array, *,
                               graphdef, temperature: float, token_drop: float, head_dim: int, chunk: int) -> dict:
@@ -164,18 +181,9 @@ def per_example_squared_grads(weights, dense: dict, past: dict, batch: dict, key
     Returns:
       ``{site: (L, d_in, d_out)}`` float32.
     """
-    model = nnx.merge(graphdef, weights)
-    prompt, answers = _prompt_and_answers(batch, model.is_encoder_decoder)
-    labels = answer_labels(answers)
-    labels = jnp.concatenate([labels, labels])
-    ids = batch["input_ids"]
+    ids, views, labels, embed = _contrastive_views(weights, past, batch, key, head_key, graphdef=graphdef,
+                                                   token_drop=token_drop, head_dim=head_dim)
     rows = ids.shape[0]
-    views = jnp.stack([_token_drop(jax.random.fold_in(key, v), prompt, token_drop) for v in range(2)])  # (2, B, S)
-
-    def embed(delta, ids, masks):
-        params = {site: dict(past[site], dense=delta[site]) for site in delta}
-        return _projection_head(head_key, pooled_features(model, ids, masks, Adapter(_HOOK, params)), head_dim)
-
     contrast = jax.lax.stop_gradient(embed(dense, jnp.concatenate([ids, ids]), views.reshape(2 * rows, -1)))
 
     def squared(i):
@@ -192,6 +200,26 @@ def per_example_squared_grads(weights, dense: dict, past: dict, batch: dict, key
 
     total, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, dense), jnp.arange(rows).reshape(-1, chunk))
     return total
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "token_drop", "head_dim"))
+def batch_squared_grads(weights, dense: dict, past: dict, batch: dict, key: jax.Array, head_key: jax.Array, *,
+                        graphdef, temperature: float, token_drop: float, head_dim: int) -> dict:
+    """``(∂L/∂W)²`` per entry, ``L`` the batch's InfoNCE loss (the mean over its 2B anchors): the
+    official code's score of one batch, one backward pass. Arguments as ``per_example_squared_grads``.
+
+    Returns:
+      ``{site: (L, d_in, d_out)}`` float32.
+    """
+    ids, views, labels, embed = _contrastive_views(weights, past, batch, key, head_key, graphdef=graphdef,
+                                                   token_drop=token_drop, head_dim=head_dim)
+    rows = ids.shape[0]
+
+    def loss(delta):
+        z = embed(delta, jnp.concatenate([ids, ids]), views.reshape(2 * rows, -1))
+        return jnp.mean(sensitivity.info_nce_per_anchor(z, labels, temperature))
+
+    return jax.tree.map(jnp.square, jax.grad(loss)(dense))
 
 
 @functools.partial(jax.jit, static_argnames=("count",))
@@ -257,6 +285,10 @@ class MIST(Wrapper):
       per_example_chunk: examples whose gradients are formed at once in the sensitivity pass
         (memory: that many x the tuned weights, in float32); divides ``batch_size``.
       sensitivity_examples: score on the first this many training examples; 0 = all.
+      scoring: ``"per_example"`` (default) sums each example's squared gradient, so that examples'
+        gradients cannot cancel before they are squared (about three training steps of compute per
+        batch of rows); ``"batch"`` sums each InfoNCE batch's squared gradient, as the official
+        code does (one backward pass per batch).
       backbone_lr: learning rate of the delta's own SGD; None = the run's optimizer for it too.
       backbone_momentum: momentum of that SGD (0 = plain SGD).
     """
@@ -272,6 +304,7 @@ class MIST(Wrapper):
     batch_size: int = 16
     per_example_chunk: int = 4
     sensitivity_examples: int = 0
+    scoring: str = "per_example"
     backbone_lr: Optional[float] = 1e-4
     backbone_momentum: float = 0.9
     name = "mist"
@@ -288,6 +321,8 @@ class MIST(Wrapper):
         if self.batch_size < 2 or self.sensitivity_examples < 0:
             raise ValueError(f"mist batch_size must be >= 2 and sensitivity_examples >= 0, got "
                              f"{self.batch_size}, {self.sensitivity_examples}")
+        if self.scoring not in ("per_example", "batch"):
+            raise ValueError(f"mist scoring must be 'per_example' or 'batch', got {self.scoring!r}")
         if self.per_example_chunk < 1 or self.batch_size % self.per_example_chunk:
             raise ValueError(f"mist per_example_chunk ({self.per_example_chunk}) must divide batch_size "
                              f"({self.batch_size})")
@@ -352,8 +387,9 @@ class MIST(Wrapper):
                            fixed._replace(past_index=past_index, past_values=past_values))
 
     def sensitivity(self, key: jax.Array, task: TaskInfo, state: MethodState) -> dict:
-        """``{site: (L, d_in, d_out)}`` empirical-Fisher scores of the MI objective on ``task``'s data
-        (the sum over examples of per-example squared gradients, divided by their number)."""
+        """``{site: (L, d_in, d_out)}`` empirical-Fisher scores of the MI objective on ``task``'s data:
+        the mean over examples of per-example squared gradients, or (``scoring="batch"``) the mean
+        over batches of the batch gradient's square."""
         model = nnx.merge(*nnx.split(task.model))
         model.attention = None  # token-drop views have holes: masked attention only
         graphdef, weights = nnx.split(model)
@@ -366,13 +402,15 @@ class MIST(Wrapper):
             raise ValueError(f"mist: task {task.name!r} has no training batch to score sensitivity on")
         key_views, key_head = jax.random.split(key)
         total = None
+        options = dict(graphdef=graphdef, temperature=self.temperature, token_drop=self.token_drop, head_dim=self.head_dim)
         for i, batch in enumerate(batches):
-            sq = per_example_squared_grads(weights, dense, past, batch, jax.random.fold_in(key_views, i), key_head,
-                                           graphdef=graphdef, temperature=self.temperature,
-                                           token_drop=self.token_drop, head_dim=self.head_dim,
-                                           chunk=self.per_example_chunk)
+            if self.scoring == "batch":
+                sq = batch_squared_grads(weights, dense, past, batch, jax.random.fold_in(key_views, i), key_head, **options)
+            else:
+                sq = per_example_squared_grads(weights, dense, past, batch, jax.random.fold_in(key_views, i), key_head,
+                                               chunk=self.per_example_chunk, **options)
             total = sq if total is None else jax.tree.map(jnp.add, total, sq)
-        return sensitivity.fisher_scores(total, count)
+        return sensitivity.fisher_scores(total, len(batches) if self.scoring == "batch" else count)
 
     def _scoring_batches(self, task: TaskInfo) -> tuple[list, int]:
         """The task's real training rows (up to ``sensitivity_examples``) in InfoNCE batches of

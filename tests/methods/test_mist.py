@@ -1,6 +1,7 @@
 """MIST on the tiny engine stream: Fisher-style MI sensitivity (per-example squared gradients),
 per-layer masks, the float32 delta at the masked entries (through ``weight_fn``), its bfloat16
 behaviour, gradient dropping and decay, layers an inner method freezes, and a full run."""
+import dataclasses
 import json
 
 import jax
@@ -77,7 +78,7 @@ def _reference_squared_grads(model, method, batch, key, head_key, dense):
     total = jax.tree.map(jnp.zeros_like, dense)
     for i in range(rows):
         total = jax.tree.map(jnp.add, total, squared(i, dense))
-    batch_loss = lambda d: 0.5 * jnp.sum(sensitivity.info_nce_per_anchor(embed(d), labels, method.temperature))  # noqa: E731
+    batch_loss = lambda d: jnp.mean(sensitivity.info_nce_per_anchor(embed(d), labels, method.temperature))  # noqa: E731
     return total, jax.jit(jax.grad(batch_loss))(dense)
 
 
@@ -101,9 +102,38 @@ def test_sensitivity_is_the_sum_of_per_example_squared_gradients(llama, stream, 
             e = np.asarray(expected[site])
             assert e.max() > 0, site
             np.testing.assert_allclose(np.asarray(got[site]), e, rtol=2e-3, atol=1e-6 * e.max(), err_msg=f"{chunk}")
-    for site in dense:  # the square of the batch's gradient is a different quantity: the test can tell them apart
-        e = np.asarray(expected[site])
-        assert not np.allclose(np.asarray(batch_grad[site]) ** 2, e, rtol=0.1, atol=1e-3 * e.max()), site
+    options = dict(graphdef=graphdef, temperature=method.temperature, token_drop=method.token_drop, head_dim=method.head_dim)
+    batch_scores = mist_module.batch_squared_grads(weights, dense, past, batches[0], key, head_key, **options)
+    for site in dense:
+        e, b = np.asarray(expected[site]), np.asarray(batch_grad[site]) ** 2
+        # scoring="batch" (the official code's) is the square of the batch loss's gradient ...
+        np.testing.assert_allclose(np.asarray(batch_scores[site]), b, rtol=2e-3, atol=1e-6 * b.max(), err_msg=site)
+        # ... a different quantity from the per-example sum (scaled to the same total): the test tells them apart
+        assert not np.allclose(b * e.sum() / b.sum(), e, rtol=0.1, atol=1e-3 * e.max()), site
+
+
+def test_batch_scoring_averages_the_batches_squared_gradients(llama, stream, begun):
+    method, state, _ = begun
+    batched = dataclasses.replace(method, scoring="batch")
+    info = task_info(stream, 0, llama)
+    batches, _ = batched._scoring_batches(info)
+    assert len(batches) > 1
+    graphdef, weights = nnx.split(llama)
+    shapes = llama.site_shapes()
+    dense = {site: jnp.zeros(shapes[site], jnp.float32) for site in state.fixed.index}
+    past = {site: {"past_index": state.fixed.past_index[site], "past_values": state.fixed.past_values[site]}
+            for site in dense}
+    key = jax.random.PRNGKey(5)
+    key_views, key_head = jax.random.split(key)
+    options = dict(graphdef=graphdef, temperature=method.temperature, token_drop=method.token_drop, head_dim=method.head_dim)
+    each = [mist_module.batch_squared_grads(weights, dense, past, b, jax.random.fold_in(key_views, i), key_head, **options)
+            for i, b in enumerate(batches)]
+    got = batched.sensitivity(key, info, state)
+    for site in dense:
+        want = sum(np.asarray(e[site]) for e in each) / len(batches)
+        np.testing.assert_allclose(np.asarray(got[site]), want, rtol=1e-5, atol=1e-7 * want.max(), err_msg=site)
+    with pytest.raises(ValueError, match="scoring"):
+        MIST(scoring="per_batch")
 
 
 def test_sensitivity_updates_no_weight_and_masks_are_the_top_fraction_per_layer(llama, stream, begun):
