@@ -230,11 +230,18 @@ def _rewritten(hook, name, p, weights):
 
 def _primitive_names(jaxpr) -> set:
     """Every primitive in ``jaxpr`` and the jaxprs nested in its equations (loop bodies, scans)."""
+    def nested(value):  # a jaxpr, a closed jaxpr or a tuple of them (cond branches)
+        if isinstance(value, (tuple, list)):
+            return [j for v in value for j in nested(v)]
+        value = getattr(value, "jaxpr", value)
+        return [value] if hasattr(value, "eqns") else []
+
     names = set()
     for eqn in jaxpr.eqns:
         names.add(eqn.primitive.name)
-        for sub in jax.core.jaxprs_in_params(eqn.params):
-            names |= _primitive_names(sub)
+        for value in eqn.params.values():
+            for sub in nested(value):
+                names |= _primitive_names(sub)
     return names
 
 
