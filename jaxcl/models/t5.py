@@ -482,17 +482,17 @@ class T5(nnx.Module):
 
     def site_shapes(self) -> dict[str, tuple[int, int, int]]:
         """``{site name: (num_layers, d_in, d_out)}`` for every adaptable linear."""
-        return {site: w.shape for site, w in self._site_weights().items()}
+        return {site: w.shape for site, w in self._site_table().items()}
 
     def site_weights(self) -> dict[str, Array]:
         """``{site name: (num_layers, d_in, d_out)}`` the stacked base weight of every site."""
         arrays = {"encoder": self.encoder.layers.arrays(), "decoder": self.decoder.layers.arrays()}
-        return {site: arrays[site.split(".", 1)[0]][site.split(".", 1)[1]] for site in self._site_weights()}
+        return {site: arrays[site.split(".", 1)[0]][site.split(".", 1)[1]] for site in self._site_table()}
 
     def site_axes(self) -> dict[str, tuple[str, str]]:
         """``{site name: (logical axis of its input, of its output)}``, e.g.
         ``decoder.cross_attn.k: ("embed", "kv_heads")``, ``encoder.mlp.wo: ("mlp", "embed")``."""
-        return {site: w.axes[1:] for site, w in self._site_weights().items()}
+        return {site: w.axes[1:] for site, w in self._site_table().items()}
 
     @staticmethod
     def hf_module(site: str, layer: int) -> str:
@@ -703,7 +703,7 @@ class T5(nnx.Module):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _site_weights(self) -> dict[str, common.Weight]:
+    def _site_table(self) -> dict[str, common.Weight]:
         """``{site name: its stacked weight's table entry}``."""
         table = weight_table(self.config)
         return {f"{stack}.{name}": w for stack in ("encoder", "decoder")
